@@ -1,0 +1,22 @@
+"""Keys shared by the model and the modules."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class _FlowKeys(NamedTuple):
+    LATENT: str = "z"
+    COND_CAT: str = "cond_cat"
+    COND_CONT: str = "cond_cont"
+    NOISE: str = "x0"
+    TIME: str = "t"
+    DROP: str = "drop"
+
+
+FLOW_KEYS = _FlowKeys()
+
+#: Default key of the latent representation in ``obsm``.
+LATENT_KEY = "X_latentcell"
+#: Layer holding decoded mean expression in generated AnnData.
+MEAN_LAYER = "latentcell_mean"

@@ -1,0 +1,5 @@
+"""User-facing models: AnnData in, AnnData out."""
+
+from latentcell.model._model import LatentDiffusionModel
+
+__all__ = ["LatentDiffusionModel"]

@@ -1,0 +1,960 @@
+"""LatentDiffusionModel: a count VAE with a conditional rectified-flow prior on its latent."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+)
+from scvi.dataloaders import DataSplitter
+from scvi.model._utils import get_max_epochs_heuristic
+from scvi.model.base import BaseModelClass
+from scvi.module import VAE
+from scvi.train import TrainingPlan, TrainRunner
+from tqdm.auto import tqdm
+
+from latentcell._constants import FLOW_KEYS, LATENT_KEY, MEAN_LAYER
+from latentcell.model import _io
+from latentcell.model._data import LatentDataModule
+from latentcell.model._training import FlowTrainingPlan
+from latentcell.model._validation import (
+    check_counts,
+    check_not_view,
+    check_obs_columns,
+    check_var_names,
+)
+from latentcell.module import SAMPLER_METHODS, LatentFlow
+
+logger = logging.getLogger(__name__)
+
+_CAT_COVS = REGISTRY_KEYS.CAT_COVS_KEY
+_CONT_COVS = REGISTRY_KEYS.CONT_COVS_KEY
+_LARGE = 100_000
+
+
+class LatentDiffusionModule(torch.nn.Module):
+    """Container of the two stages: an scvi-tools count VAE and a latent flow."""
+
+    def __init__(self, vae: VAE, flow: LatentFlow):
+        super().__init__()
+        self.vae = vae
+        self.flow = flow
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return next(self.parameters()).device
+
+
+class LatentDiffusionModel(BaseModelClass):
+    """Latent diffusion for single-cell counts.
+
+    Stage 1 is a count variational autoencoder (scvi-tools' ``VAE``: negative binomial,
+    zero-inflated negative binomial or Poisson likelihood, batch and covariates injected
+    into the decoder). Stage 2 freezes it and trains a rectified flow on the encoder's
+    latent means, conditioned on the registered labels, batch and covariates with
+    classifier-free guidance. Sampling integrates the flow from noise, decodes the latents
+    and draws counts from the likelihood.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`. May be ``None`` when ``registry``
+        is given (used by :meth:`load` for a model saved without its data).
+    registry
+        A saved scvi-tools registry, instead of ``adata``.
+    n_latent
+        Latent dimension.
+    n_hidden
+        Width of the VAE's hidden layers.
+    n_layers
+        Hidden layers in the VAE encoder and decoder.
+    dropout_rate
+        Dropout in the VAE.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    dispersion
+        Negative binomial dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-label"``.
+    denoiser
+        ``"dit"`` (transformer over latent tokens, adaLN-Zero conditioning) or ``"mlp"``
+        (residual MLP with the same conditioning).
+    flow_n_hidden
+        Width of the denoiser. ``None`` picks 128 below 100k cells and 256 above.
+    flow_n_layers
+        Depth of the denoiser. ``None`` picks 4 below 100k cells and 6 above.
+    flow_n_heads
+        Attention heads of the DiT.
+    token_dim
+        Latent coordinates per DiT token.
+    p_uncond
+        Probability that all conditions of a training cell are replaced by null tokens.
+    p_drop_attr
+        Probability that each condition is replaced by its null token independently.
+    **vae_kwargs
+        Further keyword arguments of :class:`scvi.module.VAE`.
+
+    Examples
+    --------
+    >>> adata = latentcell.datasets.pbmc68k_counts()
+    >>> LatentDiffusionModel.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    >>> model = LatentDiffusionModel(adata)
+    >>> model.train()
+    >>> generated = model.sample(n_samples=100, conditions={"cell_type": "CD14+ Monocyte"})
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+        dispersion: Literal["gene", "gene-batch", "gene-label"] = "gene",
+        denoiser: Literal["dit", "mlp"] = "dit",
+        flow_n_hidden: int | None = None,
+        flow_n_layers: int | None = None,
+        flow_n_heads: int = 4,
+        token_dim: int = 4,
+        p_uncond: float = 0.1,
+        p_drop_attr: float = 0.1,
+        **vae_kwargs,
+    ):
+        if gene_likelihood not in ("nb", "zinb", "poisson"):
+            raise ValueError(
+                f"gene_likelihood must be 'nb', 'zinb' or 'poisson', got {gene_likelihood!r}."
+            )
+        if denoiser not in ("dit", "mlp"):
+            raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
+        super().__init__(adata, registry=registry)
+        n_cells = int(self.summary_stats.n_cells)
+        large = n_cells >= _LARGE
+        flow_n_hidden = flow_n_hidden or (256 if large else 128)
+        flow_n_layers = flow_n_layers or (6 if large else 4)
+
+        cat_state = self._field_state(_CAT_COVS)
+        n_cats_per_cov = list(cat_state.get("n_cats_per_key", [])) if cat_state else []
+        n_cont = len(self._field_state(_CONT_COVS).get("columns", [])) if self._has(_CONT_COVS) \
+            else 0
+        vae = VAE(
+            n_input=int(self.summary_stats.n_vars),
+            n_batch=int(self.summary_stats.n_batch),
+            n_labels=int(self.summary_stats.n_labels),
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            n_continuous_cov=n_cont,
+            n_cats_per_cov=n_cats_per_cov,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            **vae_kwargs,
+        )
+        attrs = self._condition_attributes()
+        flow = LatentFlow(
+            n_latent=n_latent,
+            n_cats_per_attr=[len(a["categories"]) for a in attrs["categorical"]],
+            n_continuous=len(attrs["continuous"]),
+            denoiser=denoiser,
+            n_hidden=flow_n_hidden,
+            n_layers=flow_n_layers,
+            n_heads=flow_n_heads,
+            token_dim=token_dim,
+            p_uncond=p_uncond,
+            p_drop_attr=p_drop_attr,
+        )
+        self.module = LatentDiffusionModule(vae, flow)
+        self.trained_stages_: list[str] = []
+        self.stage_history_: dict[str, dict] = {}
+        self.reference_: dict[str, np.ndarray] = {}
+        self.var_names_ = self._registry_var_names()
+        self._model_summary_string = (
+            f"LatentDiffusionModel: n_latent={n_latent}, gene_likelihood={gene_likelihood}, "
+            f"denoiser={denoiser} (hidden {flow_n_hidden}, {flow_n_layers} layers), "
+            f"conditions={[a['name'] for a in attrs['categorical']] + attrs['continuous']}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    def __repr__(self) -> str:
+        stages = ", ".join(self.trained_stages_) if self.trained_stages_ else "none"
+        n_cells = "no AnnData" if self.adata is None else f"{self.adata.n_obs} cells"
+        return f"{self._model_summary_string}\nTrained stages: {stages}; {n_cells}."
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData with the model.
+
+        The data are checked before anything is written: the counts must be finite,
+        non-negative integers, every cell must have at least one count, and registered
+        ``obs`` columns must exist without missing values. On success scvi-tools'
+        :class:`~scvi.data.AnnDataManager` writes its usual fields (``obs['_scvi_batch']``,
+        ``obs['_scvi_labels']``, ``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']`` and,
+        with covariates, ``obsm['_scvi_extra_categorical_covs']`` /
+        ``obsm['_scvi_extra_continuous_covs']``); nothing else is changed.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts (not a view).
+        layer
+            Layer holding the counts; ``None`` uses ``adata.X``.
+        labels_key
+            ``obs`` column of cell labels (e.g. cell type), a condition of the flow.
+        batch_key
+            ``obs`` column of batches: a decoder covariate and a condition of the flow.
+        categorical_covariate_keys
+            Further categorical ``obs`` columns, used like ``batch_key``.
+        continuous_covariate_keys
+            Continuous ``obs`` columns: decoder covariates and flow conditions.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_not_view(adata)
+        check_counts(adata, layer)
+        categorical = [k for k in [labels_key, batch_key, *(categorical_covariate_keys or [])] if k]
+        check_obs_columns(adata, categorical, list(continuous_covariate_keys or []))
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalJointObsField(_CAT_COVS, categorical_covariate_keys),
+            NumericalJointObsField(_CONT_COVS, continuous_covariate_keys),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ registry helpers
+    def _has(self, key: str) -> bool:
+        return key in self.registry_["field_registries"] and bool(
+            self.registry_["field_registries"][key].get("state_registry")
+        )
+
+    def _field_state(self, key: str) -> dict:
+        return self.registry_["field_registries"].get(key, {}).get("state_registry", {}) or {}
+
+    def _registry_var_names(self) -> np.ndarray:
+        return np.asarray(self._field_state(REGISTRY_KEYS.X_KEY)["column_names"]).astype(str)
+
+    def _condition_attributes(self) -> dict:
+        """Conditions of the flow, in the order the module sees them.
+
+        Categorical: the labels (if ``labels_key`` was set), the batch (if ``batch_key`` was
+        set), then each categorical covariate. Continuous: each continuous covariate.
+        """
+        args = self.registry_["setup_args"]
+        categorical = []
+        for key, reg_key in ((args.get("labels_key"), REGISTRY_KEYS.LABELS_KEY),
+                             (args.get("batch_key"), REGISTRY_KEYS.BATCH_KEY)):
+            if key is not None:
+                cats = np.asarray(self._field_state(reg_key)["categorical_mapping"])
+                categorical.append({"name": key, "source": reg_key, "categories": cats})
+        cat_state = self._field_state(_CAT_COVS)
+        for i, key in enumerate(cat_state.get("field_keys", []) or []):
+            cats = np.asarray(cat_state["mappings"][key])
+            categorical.append({"name": key, "source": _CAT_COVS, "column": i, "categories": cats})
+        continuous = list(args.get("continuous_covariate_keys") or [])
+        return {"categorical": categorical, "continuous": continuous}
+
+    def _registered_codes(self, adata: AnnData) -> dict[str, np.ndarray]:
+        """Integer codes and values of the registered covariates of every cell."""
+        manager = self.get_anndata_manager(adata, required=True)
+        n = adata.n_obs
+
+        def get(key, dtype):
+            if key not in manager.data_registry:
+                return np.zeros((n, 0), dtype=dtype)
+            values = manager.get_from_registry(key)
+            values = values.to_numpy() if isinstance(values, pd.DataFrame) else values
+            return np.asarray(values, dtype=dtype).reshape(n, -1)
+
+        x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        library = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+        return {
+            "labels": get(REGISTRY_KEYS.LABELS_KEY, np.int64)[:, 0],
+            "batch": get(REGISTRY_KEYS.BATCH_KEY, np.int64)[:, 0],
+            "cat_covs": get(_CAT_COVS, np.int64),
+            "cont_covs": get(_CONT_COVS, np.float32),
+            "log_library": np.log(library).astype(np.float32),
+        }
+
+    def _flow_codes(self, codes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Stack the per-cell codes into the flow's (categorical, continuous) condition arrays."""
+        columns = []
+        for attr in self._condition_attributes()["categorical"]:
+            if attr["source"] == REGISTRY_KEYS.LABELS_KEY:
+                columns.append(codes["labels"])
+            elif attr["source"] == REGISTRY_KEYS.BATCH_KEY:
+                columns.append(codes["batch"])
+            else:
+                columns.append(codes["cat_covs"][:, attr["column"]])
+        n = len(codes["labels"])
+        cat = np.stack(columns, axis=1) if columns else np.zeros((n, 0), dtype=np.int64)
+        return cat.astype(np.int64), codes["cont_covs"].astype(np.float32)
+
+    # ------------------------------------------------------------------ checks
+    def _check_stage(self, stage: Literal["vae", "flow"], action: str) -> None:
+        if stage not in self.trained_stages_:
+            needed = "model.train()" if stage == "vae" else "model.train() (or train(stage='flow'))"
+            raise RuntimeError(
+                f"Cannot {action}: the {stage.upper()} stage of this model has not been trained. "
+                f"Call {needed} first."
+            )
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = False):
+        """Check genes and registration of a query AnnData (never copies it silently)."""
+        if adata is None:
+            if self.adata is None:
+                raise ValueError(
+                    "This model holds no AnnData (it was loaded without one); pass adata=..."
+                )
+            adata = self.adata
+        check_not_view(adata)
+        check_var_names(adata, self.var_names_)
+        if self.get_anndata_manager(adata) is None:
+            layer = self.registry_["setup_args"].get("layer")
+            check_counts(adata, layer)
+        return super()._validate_anndata(adata, copy_if_view=False)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        stage: Literal["vae", "flow"] | None = None,
+        max_epochs: int | None = None,
+        flow_max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        flow_batch_size: int | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int | None = None,
+        n_epochs_kl_warmup: int | None = None,
+        lr: float = 1e-3,
+        flow_lr: float = 1e-3,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        flow_plan_kwargs: dict | None = None,
+        seed: int | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train the VAE, then the latent flow (or one stage).
+
+        Each stage stops on its own held-out validation loss by default (the ELBO for the
+        VAE, a flow-matching loss with fixed noise and times for the flow), because small
+        datasets are the common case and fixed epoch counts overfit them.
+
+        Parameters
+        ----------
+        stage
+            ``"vae"`` or ``"flow"`` to run one stage; ``None`` runs both. Retraining the VAE
+            invalidates the flow, which must then be retrained.
+        max_epochs
+            Maximum VAE epochs; default ``min(400, 400 * 20000 / n_cells)`` (scvi-tools'
+            heuristic).
+        flow_max_epochs
+            Maximum flow epochs; default about 4000 optimisation steps, between 5 and 1000
+            epochs.
+        accelerator, devices
+            Passed to Lightning.
+        train_size, validation_size
+            Split of cells for the VAE's early stopping; the flow uses the same split.
+        batch_size, flow_batch_size
+            Minibatch sizes of the two stages; ``flow_batch_size=None`` picks 128 below 100k
+            cells and 1024 above.
+        early_stopping
+            Stop each stage when its validation loss has not improved for
+            ``early_stopping_patience`` epochs.
+        early_stopping_patience
+            Default 45 epochs for the VAE and ``max(20, flow_max_epochs // 10)`` for the flow.
+        n_epochs_kl_warmup
+            Epochs of linear KL warm-up of the VAE; default ``min(50, max_epochs // 4)``.
+        lr, flow_lr
+            Learning rates of the two stages.
+        datasplitter_kwargs
+            Keyword arguments of :class:`scvi.dataloaders.DataSplitter`.
+        plan_kwargs, flow_plan_kwargs
+            Keyword arguments of the stages' training plans.
+        seed
+            Seed for scvi-tools (``scvi.settings.seed``) before training; ``None`` leaves the
+            global seed as it is.
+        **trainer_kwargs
+            Further keyword arguments of :class:`scvi.train.Trainer` (Lightning).
+        """
+        if stage not in (None, "vae", "flow"):
+            raise ValueError(f"stage must be None, 'vae' or 'flow', got {stage!r}.")
+        if self.adata is None:
+            raise ValueError("This model holds no AnnData; load it with adata=... to train.")
+        if seed is not None:
+            settings.seed = seed
+        if stage in (None, "vae"):
+            self._train_vae(
+                max_epochs, accelerator, devices, train_size, validation_size, batch_size,
+                early_stopping, early_stopping_patience, n_epochs_kl_warmup, lr,
+                datasplitter_kwargs or {}, plan_kwargs or {}, dict(trainer_kwargs),
+            )
+        if stage in (None, "flow"):
+            self._train_flow(
+                flow_max_epochs, accelerator, devices, train_size, validation_size,
+                flow_batch_size, early_stopping, early_stopping_patience, flow_lr,
+                flow_plan_kwargs or {}, dict(trainer_kwargs),
+            )
+
+    def _run(self, stage: str, plan, data, max_epochs: int, accelerator, devices, **kwargs):
+        """Run scvi-tools' TrainRunner for one stage and keep that stage's history apart."""
+        self.history_, self.is_trained_ = None, False
+        runner = TrainRunner(
+            self, training_plan=plan, data_splitter=data, max_epochs=max_epochs,
+            accelerator=accelerator, devices=devices, **kwargs,
+        )
+        runner()
+        self.stage_history_[stage] = dict(self.history_ or {})
+        self.history_ = self._merged_history()
+        self.is_trained_ = True
+        self.module.eval()
+
+    def _train_vae(
+        self, max_epochs, accelerator, devices, train_size, validation_size, batch_size,
+        early_stopping, patience, n_epochs_kl_warmup, lr, splitter_kwargs, plan_kwargs,
+        trainer_kwargs,
+    ) -> None:
+        n_obs = self.adata.n_obs
+        max_epochs = max_epochs or get_max_epochs_heuristic(n_obs)
+        if n_epochs_kl_warmup is None:
+            n_epochs_kl_warmup = max(1, min(50, max_epochs // 4))
+        splitter = DataSplitter(
+            self.adata_manager, train_size=train_size, validation_size=validation_size,
+            batch_size=batch_size, **splitter_kwargs,
+        )
+        splitter.setup()
+        if early_stopping and splitter.n_val == 0:
+            raise ValueError(
+                "Early stopping needs validation cells, but the split left none "
+                f"(n_obs={n_obs}, train_size={train_size}). Lower train_size or pass "
+                "early_stopping=False."
+            )
+        plan = TrainingPlan(
+            self.module.vae, lr=lr, n_epochs_kl_warmup=n_epochs_kl_warmup, **plan_kwargs
+        )
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
+            trainer_kwargs.setdefault("early_stopping_patience", patience or 45)
+        # A previous train() leaves the module in eval mode (scvi-tools' runner ends with
+        # module.eval()); put the VAE back in train mode for this stage.
+        self.module.vae.train()
+        for p in self.module.vae.parameters():
+            p.requires_grad_(True)
+        self.trained_stages_ = []
+        self.stage_history_ = {}
+        self._run("vae", plan, splitter, max_epochs, accelerator, devices, **trainer_kwargs)
+        self.trained_stages_ = ["vae"]
+
+    @torch.inference_mode()
+    def _latent_means(self, adata: AnnData, indices=None, batch_size: int | None = None):
+        vae = self.module.vae
+        vae.eval()
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        out = []
+        for tensors in loader:
+            inference_inputs = vae._get_inference_input(tensors)
+            outputs = vae.inference(**inference_inputs)
+            out.append(outputs["qz"].loc.cpu())
+        return torch.cat(out).numpy()
+
+    def _train_flow(
+        self, max_epochs, accelerator, devices, train_size, validation_size, batch_size,
+        early_stopping, patience, lr, plan_kwargs, trainer_kwargs,
+    ) -> None:
+        self._check_stage("vae", "train the flow")
+        adata = self.adata
+        self.module.vae.eval()
+        for p in self.module.vae.parameters():
+            p.requires_grad_(False)
+        z = torch.as_tensor(self._latent_means(adata))
+        codes = self._registered_codes(adata)
+        cat, cont = self._flow_codes(codes)
+        flow = self.module.flow
+        flow.set_scaling(z.to(flow.latent_mean.device), torch.as_tensor(cont).to(flow.latent_mean.device))
+
+        batch_size = batch_size or (1024 if adata.n_obs >= _LARGE else 128)
+        train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
+        data = LatentDataModule(
+            {FLOW_KEYS.LATENT: z, FLOW_KEYS.COND_CAT: torch.as_tensor(cat),
+             FLOW_KEYS.COND_CONT: torch.as_tensor(cont)},
+            train_idx=train_idx, val_idx=val_idx, batch_size=batch_size,
+            n_attributes=flow.condition.n_attributes, seed=settings.seed,
+        )
+        steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
+        max_epochs = max_epochs or int(np.clip(round(4000 / steps_per_epoch), 5, 1000))
+        if early_stopping and len(val_idx) == 0:
+            raise ValueError("Early stopping of the flow needs validation cells; lower train_size.")
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", "flow_loss_validation")
+            trainer_kwargs.setdefault("early_stopping_patience", patience or max(20, max_epochs // 10))
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
+        plan = FlowTrainingPlan(flow, lr=lr, **plan_kwargs)
+        flow.train()
+        self._run("flow", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
+        self.reference_ = {k: np.asarray(v) for k, v in codes.items()}
+        self.trained_stages_ = ["vae", "flow"]
+
+    def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):
+        """Reuse the VAE's train/validation split, so neither stage sees validation cells."""
+        train_idx, val_idx = self.train_indices, self.validation_indices
+        if train_idx is not None and val_idx is not None and (
+            len(train_idx) + len(val_idx) <= n_obs
+        ):
+            return np.asarray(train_idx), np.asarray(val_idx)
+        rng = np.random.default_rng(settings.seed)
+        perm = rng.permutation(n_obs)
+        n_val = int(round(n_obs * (validation_size if validation_size else 1 - train_size)))
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def _merged_history(self) -> dict:
+        merged = {}
+        for stage in ("vae", "flow"):
+            merged.update(self.stage_history_.get(stage, {}))
+        return merged
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Training curves of both stages, one DataFrame per logged metric.
+
+        VAE metrics keep scvi-tools' names (``elbo_train``, ``elbo_validation``,
+        ``reconstruction_loss_train``, ...); flow metrics are ``flow_loss_train`` and
+        ``flow_loss_validation``.
+        """
+        return self._merged_history()
+
+    # ------------------------------------------------------------------ latent space
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        key_added: str | None = LATENT_KEY,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent means of cells under the VAE encoder.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes; defaults to the training data.
+        indices
+            Cells to encode; ``None`` encodes all.
+        key_added
+            ``obsm`` key to write the latents to (only when all cells are encoded);
+            ``None`` only returns them.
+        batch_size
+            Minibatch size.
+
+        Returns
+        -------
+        Array ``(n_cells, n_latent)``. Writes ``adata.obsm[key_added]`` unless ``key_added``
+        is ``None`` or ``indices`` is given.
+        """
+        self._check_stage("vae", "compute latents")
+        adata = self._validate_anndata(adata)
+        latent = self._latent_means(adata, indices=indices, batch_size=batch_size)
+        if key_added is not None and indices is None:
+            adata.obsm[key_added] = latent
+        return latent
+
+    # ------------------------------------------------------------------ sampling
+    def _parse_conditions(self, n_samples, conditions) -> pd.DataFrame:
+        attrs = self._condition_attributes()
+        known = [a["name"] for a in attrs["categorical"]] + attrs["continuous"]
+        if conditions is None:
+            if n_samples is None:
+                raise ValueError("Pass n_samples (how many cells to generate).")
+            frame = pd.DataFrame(index=range(int(n_samples)))
+        elif isinstance(conditions, pd.DataFrame):
+            if n_samples is not None and n_samples != len(conditions):
+                raise ValueError(
+                    f"n_samples={n_samples} but conditions has {len(conditions)} rows; one "
+                    f"cell is generated per row, so leave n_samples=None."
+                )
+            frame = conditions.reset_index(drop=True).copy()
+        elif isinstance(conditions, Mapping):
+            if n_samples is None:
+                lengths = {len(v) for v in conditions.values() if np.ndim(v) == 1}
+                if len(lengths) != 1:
+                    raise ValueError("Pass n_samples, or per-cell lists of one common length.")
+                n_samples = lengths.pop()
+            frame = pd.DataFrame(index=range(int(n_samples)))
+            for key, value in conditions.items():
+                if np.ndim(value) == 1 and len(value) != n_samples:
+                    raise ValueError(
+                        f"conditions[{key!r}] has {len(value)} values for n_samples={n_samples}."
+                    )
+                frame[key] = list(value) if np.ndim(value) == 1 else [value] * int(n_samples)
+        else:
+            raise TypeError("conditions must be None, a dict or a pandas DataFrame.")
+        unknown = [c for c in frame.columns if c not in known]
+        if unknown:
+            raise ValueError(
+                f"Unknown condition(s) {unknown}. This model was set up with conditions "
+                f"{known or '(none)'}."
+            )
+        for attr in attrs["categorical"]:
+            name = attr["name"]
+            if name in frame:
+                cats = attr["categories"]
+                values = frame[name].astype(object)
+                bad = sorted({str(v) for v in values if v not in set(cats.tolist())})
+                if bad:
+                    raise ValueError(
+                        f"Unknown value(s) {bad} for condition {name!r}. Known values: "
+                        f"{cats.tolist()}."
+                    )
+        for name in attrs["continuous"]:
+            if name in frame:
+                values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+                if not np.isfinite(values).all():
+                    raise ValueError(f"Condition {name!r} needs finite numbers.")
+                frame[name] = values
+        return frame
+
+    def _reference_rows(self, frame: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+        """Pick one training cell per requested cell, matching its categorical conditions.
+
+        The chosen cell supplies the library size and the decoder covariates that were not
+        requested.
+        """
+        attrs = self._condition_attributes()["categorical"]
+        cat_ref, _ = self._flow_codes(self.reference_)
+        n_ref = cat_ref.shape[0]
+        specified = [(i, a) for i, a in enumerate(attrs) if a["name"] in frame]
+        rows = np.empty(len(frame), dtype=np.int64)
+        if not specified:
+            return rng.integers(0, n_ref, size=len(frame))
+        code_cols = np.stack(
+            [pd.Categorical(frame[a["name"]], categories=a["categories"]).codes
+             for _, a in specified], axis=1,
+        )
+        groups = pd.DataFrame(code_cols).groupby(list(range(code_cols.shape[1]))).indices
+        for key, members in groups.items():
+            key = key if isinstance(key, tuple) else (key,)
+            match = np.ones(n_ref, dtype=bool)
+            for (i, _), code in zip(specified, key, strict=True):
+                match &= cat_ref[:, i] == code
+            candidates = np.flatnonzero(match)
+            if candidates.size == 0:
+                first_i = specified[0][0]
+                candidates = np.flatnonzero(cat_ref[:, first_i] == key[0])
+                warnings.warn(
+                    f"No training cell has the combination {dict(zip([a['name'] for _, a in specified], key, strict=True))}"
+                    f"; drawing library sizes from cells matching {specified[0][1]['name']!r} only.",
+                    UserWarning, stacklevel=3,
+                )
+            rows[members] = rng.choice(candidates, size=len(members), replace=True)
+        return rows
+
+    def sample(
+        self,
+        n_samples: int | None = None,
+        conditions: Mapping | pd.DataFrame | None = None,
+        n_steps: int = 50,
+        method: Literal["euler", "midpoint", "heun"] = "midpoint",
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 1024,
+        latent_prior: Literal["flow", "normal"] = "flow",
+        progress_bar: bool = True,
+    ) -> AnnData:
+        """Generate cells.
+
+        Parameters
+        ----------
+        n_samples
+            Number of cells; with a DataFrame of conditions it is the number of rows.
+        conditions
+            ``None`` (unconditional: every condition takes its null token), a dict
+            ``{key: value}`` (``n_samples`` cells with that condition; values may also be
+            per-cell lists) or a DataFrame with one row per cell and registered keys as
+            columns (e.g. ``held_out.obs[["cell_type"]]``). Conditions not given are left to
+            the flow (null token); the decoder's batch/covariates and the library size come
+            from a training cell drawn among those matching the given categorical
+            conditions.
+        n_steps
+            ODE solver steps.
+        method
+            ``"euler"``, ``"midpoint"`` or ``"heun"``.
+        cfg_scale
+            Classifier-free guidance weight; 1 is the plain conditional flow, larger values
+            push samples towards the condition at the cost of diversity.
+        seed
+            Seed of this call; the same seed gives the same cells.
+        batch_size
+            Cells generated per batch.
+        latent_prior
+            ``"flow"`` (the trained flow) or ``"normal"`` (the VAE's standard normal prior,
+            no flow; a baseline, which ignores the conditions except through the decoder).
+        progress_bar
+            Show a progress bar.
+
+        Returns
+        -------
+        AnnData of generated cells: integer counts drawn from the decoder's likelihood in
+        ``.X`` (float32, CSR), the decoded mean expression in
+        ``layers['latentcell_mean']``, the conditions (requested, or drawn with the
+        reference cell for decoder covariates) in ``obs``, the generated latents in
+        ``obsm['X_latentcell']``, the training genes as ``var`` and the call's settings in
+        ``uns['latentcell']``.
+        """
+        self._check_stage("flow" if latent_prior == "flow" else "vae", "sample")
+        if method not in SAMPLER_METHODS:
+            raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}.")
+        if latent_prior not in ("flow", "normal"):
+            raise ValueError(f"latent_prior must be 'flow' or 'normal', got {latent_prior!r}.")
+        if not self.reference_:
+            raise RuntimeError("The model has no reference cells; call model.train() first.")
+        frame = self._parse_conditions(n_samples, conditions)
+        n = len(frame)
+        rng = np.random.default_rng(seed)
+        ref_rows = self._reference_rows(frame, rng)
+        ref = {k: v[ref_rows] for k, v in self.reference_.items()}
+        attrs = self._condition_attributes()
+
+        # Flow conditions: requested values, null tokens (or NaN) otherwise.
+        flow_cat = np.stack(
+            [pd.Categorical(frame[a["name"]], categories=a["categories"]).codes.astype(np.int64)
+             if a["name"] in frame else np.full(n, len(a["categories"]), dtype=np.int64)
+             for a in attrs["categorical"]], axis=1,
+        ) if attrs["categorical"] else np.zeros((n, 0), dtype=np.int64)
+        flow_cont = np.stack(
+            [frame[c].to_numpy(np.float32) if c in frame else np.full(n, np.nan, np.float32)
+             for c in attrs["continuous"]], axis=1,
+        ) if attrs["continuous"] else np.zeros((n, 0), dtype=np.float32)
+        # Decoder covariates: requested values override the reference cell's.
+        for i, a in enumerate(attrs["categorical"]):
+            if a["name"] not in frame:
+                continue
+            if a["source"] == REGISTRY_KEYS.BATCH_KEY:
+                ref["batch"] = flow_cat[:, i].copy()
+            elif a["source"] == _CAT_COVS:
+                ref["cat_covs"] = ref["cat_covs"].copy()
+                ref["cat_covs"][:, a["column"]] = flow_cat[:, i]
+        for j, c in enumerate(attrs["continuous"]):
+            if c in frame:
+                ref["cont_covs"] = ref["cont_covs"].copy()
+                ref["cont_covs"][:, j] = flow_cont[:, j]
+
+        device = self.module.device
+        self.module.eval()
+        counts, means, latents = [], [], []
+        n_batches = math.ceil(n / batch_size)
+        total = n_batches * (n_steps if latent_prior == "flow" else 1)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(rng.integers(2**62)))
+        with (
+            tqdm(total=total, desc="Sampling", disable=not progress_bar, unit="step") as bar,
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.inference_mode(),
+        ):
+            torch.manual_seed(int(rng.integers(2**62)))
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(start + batch_size, n))
+                noise = torch.randn(sl.stop - sl.start, self.module.flow.n_latent, generator=gen)
+                if latent_prior == "flow":
+                    z = self.module.flow.sample(
+                        torch.as_tensor(flow_cat[sl]), torch.as_tensor(flow_cont[sl]),
+                        n_steps=n_steps, method=method, cfg_scale=cfg_scale, noise=noise,
+                        callback=lambda _: bar.update(1),
+                    )
+                else:
+                    z = noise.to(device)
+                    bar.update(1)
+                px = self._decode(z, {k: v[sl] for k, v in ref.items()})
+                counts.append(sparse.csr_matrix(px.sample().cpu().numpy().astype(np.float32)))
+                means.append(px.mean.cpu().numpy().astype(np.float32))
+                latents.append(z.cpu().numpy())
+        return self._generated_anndata(
+            sparse.vstack(counts).tocsr(), np.concatenate(means), np.concatenate(latents),
+            frame, ref, dict(n_steps=n_steps, method=method, cfg_scale=cfg_scale, seed=seed,
+                             latent_prior=latent_prior, requested=list(frame.columns)),
+        )
+
+    def _decode(self, z: torch.Tensor, ref: dict[str, np.ndarray]):
+        """Decoder likelihood at latents ``z`` with the given library sizes and covariates."""
+        device = z.device
+        vae = self.module.vae
+        cat_covs = torch.as_tensor(ref["cat_covs"], device=device) if ref["cat_covs"].shape[1] \
+            else None
+        cont_covs = torch.as_tensor(ref["cont_covs"], device=device) if ref["cont_covs"].shape[1] \
+            else None
+        out = vae.generative(
+            z=z,
+            library=torch.as_tensor(ref["log_library"], device=device)[:, None],
+            batch_index=torch.as_tensor(ref["batch"], device=device)[:, None],
+            cont_covs=cont_covs,
+            cat_covs=cat_covs,
+            y=torch.as_tensor(ref["labels"], device=device)[:, None],
+        )
+        return out["px"]
+
+    def _generated_anndata(self, counts, means, latents, frame, ref, settings_used) -> AnnData:
+        attrs = self._condition_attributes()
+        obs = pd.DataFrame(index=[f"gen_{i}" for i in range(counts.shape[0])])
+        batch_state = self._field_state(REGISTRY_KEYS.BATCH_KEY)
+        for a in attrs["categorical"]:
+            name, cats = a["name"], a["categories"]
+            if name in frame:
+                obs[name] = pd.Categorical(frame[name].to_numpy(), categories=cats)
+            elif a["source"] == REGISTRY_KEYS.BATCH_KEY:
+                obs[name] = pd.Categorical.from_codes(ref["batch"], categories=batch_state[
+                    "categorical_mapping"])
+            elif a["source"] == _CAT_COVS:
+                obs[name] = pd.Categorical.from_codes(ref["cat_covs"][:, a["column"]], categories=cats)
+        for j, c in enumerate(attrs["continuous"]):
+            obs[c] = ref["cont_covs"][:, j]
+        var = (
+            self.adata.var.copy() if self.adata is not None
+            else pd.DataFrame(index=pd.Index(self.var_names_))
+        )
+        out = AnnData(X=counts, obs=obs, var=var)
+        out.layers[MEAN_LAYER] = means
+        out.obsm[LATENT_KEY] = latents
+        out.uns["latentcell"] = {k: v for k, v in settings_used.items() if v is not None}
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False,
+             **anndata_write_kwargs) -> None:
+        """Save the model: weights as tensors, everything else as JSON.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to create (``metadata.json``, ``model.pt`` and optionally
+            ``adata.h5ad``).
+        overwrite
+            Replace an existing non-empty folder.
+        save_anndata
+            Also write the training AnnData.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        metadata = {
+            "format_version": _io.FORMAT_VERSION,
+            "model_class": type(self).__name__,
+            "latentcell_version": _version(),
+            "init_params": self.init_params_,
+            "registry": self.registry_,
+            "var_names": np.asarray(self.var_names_, dtype=object),
+            "trained_stages": list(self.trained_stages_),
+            "stage_history": self.stage_history_,
+            "train_indices": self.train_indices,
+            "validation_indices": self.validation_indices,
+        }
+        tensors = {
+            "module": self.module.state_dict(),
+            "reference": {k: torch.as_tensor(v) for k, v in self.reference_.items()},
+        }
+        path = _io.write_model(dir_path, metadata, tensors, overwrite)
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("This model holds no AnnData to save.")
+            self.adata.write_h5ad(path / _io.ADATA_FILE, **anndata_write_kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> LatentDiffusionModel:
+        """Load a model saved with :meth:`save`.
+
+        Tensors are read with ``torch.load(weights_only=True)`` and metadata from JSON, so
+        loading never executes code stored in the files.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData with the training genes to attach (it is registered with the saved
+            setup). ``None`` uses the saved AnnData if there is one, else loads the model
+            without data: sampling works, methods that read cells need ``adata=...``.
+        accelerator, device
+            Where to put the model.
+
+        Returns
+        -------
+        The loaded model.
+        """
+        from scvi.model._utils import parse_device_args
+
+        metadata, tensors = _io.read_model(dir_path)
+        if metadata.get("model_class") != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {metadata.get('model_class')!r}, not a {cls.__name__}."
+            )
+        registry = metadata["registry"]
+        if adata is None and (Path(dir_path) / _io.ADATA_FILE).exists():
+            import anndata
+
+            adata = anndata.read_h5ad(Path(dir_path) / _io.ADATA_FILE)
+        init = metadata["init_params"]
+        kwargs = {k: v for d in init.get("kwargs", {}).values() for k, v in d.items()}
+        if adata is not None:
+            check_not_view(adata)
+            check_var_names(adata, metadata["var_names"])
+            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            model = cls(adata, **init["non_kwargs"], **kwargs)
+        else:
+            model = cls(None, registry=registry, **init["non_kwargs"], **kwargs)
+        model.module.load_state_dict(tensors["module"])
+        model.reference_ = {k: v.numpy() for k, v in tensors["reference"].items()}
+        model.trained_stages_ = list(metadata["trained_stages"])
+        model.stage_history_ = metadata["stage_history"]
+        model.history_ = model._merged_history()
+        model.is_trained_ = bool(model.trained_stages_)
+        for name in ("train_indices", "validation_indices"):
+            value = metadata.get(name)
+            setattr(model, name, None if value is None else np.asarray(value))
+        _, _, torch_device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch",
+            validate_single_device=True,
+        )
+        model.to_device(torch_device)
+        model.module.eval()
+        return model
+
+
+def _version() -> str:
+    from latentcell import __version__
+
+    return __version__

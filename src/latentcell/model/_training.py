@@ -1,0 +1,29 @@
+"""Training plan of the flow stage."""
+
+from __future__ import annotations
+
+from scvi.train import TrainingPlan
+
+
+class FlowTrainingPlan(TrainingPlan):
+    """scvi-tools' training plan with the flow's own metric names.
+
+    Logs ``flow_loss_train`` and ``flow_loss_validation`` (the mean squared velocity error)
+    instead of ELBO terms, which do not exist for the flow. Optimiser, learning-rate
+    schedule and device handling are scvi-tools'.
+    """
+
+    def training_step(self, batch, batch_idx):
+        """One optimisation step on a batch of latents."""
+        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self.log("flow_loss_train", loss_output.loss, on_step=False, on_epoch=True,
+                 prog_bar=True, batch_size=loss_output.n_obs_minibatch,
+                 sync_dist=self.use_sync_dist)
+        return loss_output.loss
+
+    def validation_step(self, batch, batch_idx):
+        """Loss on validation latents with fixed noise and times."""
+        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self.log("flow_loss_validation", loss_output.loss, on_step=False, on_epoch=True,
+                 prog_bar=True, batch_size=loss_output.n_obs_minibatch,
+                 sync_dist=self.use_sync_dist)

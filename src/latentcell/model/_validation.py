@@ -1,0 +1,126 @@
+"""Input checks that run before anything is written to the user's AnnData."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+
+def check_not_view(adata: AnnData, what: str = "adata") -> None:
+    """Refuse AnnData views, which scvi-tools would otherwise copy behind the user's back."""
+    if adata.is_view:
+        raise ValueError(
+            f"{what} is a view of another AnnData (for example `adata[mask]`). latentcell "
+            f"writes registration fields into the object, which a view cannot hold. "
+            f"Make it an AnnData of its own first: `{what} = {what}.copy()`."
+        )
+
+
+def _stored_values(x) -> np.ndarray:
+    if sparse.issparse(x):
+        return np.asarray(x.data)
+    return np.asarray(x)
+
+
+def check_counts(adata: AnnData, layer: str | None) -> None:
+    """Check that the matrix used by a count likelihood holds finite non-negative integers.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem (NaN/inf, negative, non-integer values, or cells with no counts),
+        how many entries or cells are affected, and how to fix it.
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(
+            f"Layer {layer!r} not found. Available layers: {list(adata.layers)}; pass "
+            f"layer=None to use adata.X."
+        )
+    x = adata.X if layer is None else adata.layers[layer]
+    if x is None:
+        raise ValueError(f"{where} is empty; store raw counts there or pass layer=...")
+    values = _stored_values(x)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{where} has dtype {values.dtype}; expected numeric counts.")
+    n_bad = int((~np.isfinite(values)).sum())
+    if n_bad:
+        raise ValueError(
+            f"{where} contains {n_bad} NaN or infinite values. Count likelihoods need finite "
+            f"non-negative integer counts: fix or drop the affected cells/genes first."
+        )
+    n_neg = int((values < 0).sum())
+    if n_neg:
+        raise ValueError(
+            f"{where} contains {n_neg} negative values (minimum {values.min():g}). This looks "
+            f"like scaled or centred data; pass the raw counts with layer=... instead."
+        )
+    frac = values - np.round(values)
+    n_frac = int((np.abs(frac) > 1e-6).sum())
+    if n_frac:
+        raise ValueError(
+            f"{where} contains {n_frac} non-integer values (e.g. {values[np.abs(frac) > 1e-6][0]:g})"
+            f". gene_likelihood 'nb', 'zinb' and 'poisson' model raw integer counts; this "
+            f"looks normalised or log-transformed. Pass the layer holding raw counts with "
+            f"layer=..., or round recovered counts explicitly."
+        )
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals <= 0)
+    if empty.size:
+        names = ", ".join(map(str, adata.obs_names[empty[:3]]))
+        raise ValueError(
+            f"{empty.size} of {adata.n_obs} cells have no counts in {where} (e.g. {names}). "
+            f"Drop them before setup: `sc.pp.filter_cells(adata, min_counts=1)` or "
+            f"`adata = adata[adata.X.sum(1).A1 > 0].copy()`."
+        )
+
+
+def check_obs_columns(
+    adata: AnnData, categorical: list[str], continuous: list[str]
+) -> None:
+    """Check that registered obs columns exist and hold no missing values."""
+    for key in [*categorical, *continuous]:
+        if key not in adata.obs:
+            raise ValueError(
+                f"Column {key!r} not found in adata.obs. Available columns: "
+                f"{list(adata.obs.columns)}."
+            )
+    for key in categorical:
+        n_missing = int(pd.isna(adata.obs[key]).sum())
+        if n_missing:
+            raise ValueError(
+                f"adata.obs[{key!r}] has {n_missing} missing values. Fill them with an explicit "
+                f"category (e.g. 'unknown') or drop those cells before setup."
+            )
+    for key in continuous:
+        col = adata.obs[key]
+        if not pd.api.types.is_numeric_dtype(col):
+            raise ValueError(f"adata.obs[{key!r}] must be numeric to be a continuous covariate.")
+        n_bad = int((~np.isfinite(col.to_numpy(dtype=float))).sum())
+        if n_bad:
+            raise ValueError(
+                f"adata.obs[{key!r}] has {n_bad} NaN or infinite values; fill or drop them."
+            )
+
+
+def check_var_names(adata: AnnData, var_names: pd.Index | np.ndarray) -> None:
+    """Require the genes, in order, that the model was trained on."""
+    expected = pd.Index(var_names)
+    if adata.n_vars == len(expected) and (adata.var_names == expected).all():
+        return
+    missing = expected.difference(adata.var_names)
+    extra = adata.var_names.difference(expected)
+    detail = []
+    if len(missing):
+        detail.append(f"{len(missing)} genes missing (e.g. {list(missing[:3])})")
+    if len(extra):
+        detail.append(f"{len(extra)} unexpected genes (e.g. {list(extra[:3])})")
+    if not detail:
+        detail.append("same genes in a different order")
+    raise ValueError(
+        f"The AnnData's genes do not match the {len(expected)} genes the model was trained on: "
+        f"{'; '.join(detail)}. Subset and reorder first, e.g. "
+        f"`adata = adata[:, model_var_names].copy()` with the training var_names."
+    )

@@ -1,0 +1,218 @@
+"""Conditional rectified flow on a (frozen) VAE latent space. Tensors only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from latentcell._constants import FLOW_KEYS
+from latentcell.module._path import SamplerMethod, integrate, interpolate, target_velocity
+from latentcell.nn import ConditionEmbedding, DiTDenoiser, MLPDenoiser
+
+
+class LatentFlow(BaseModuleClass):
+    """Rectified flow with classifier-free guidance on standardised latent vectors.
+
+    Parameters
+    ----------
+    n_latent
+        Size of the latent vectors.
+    n_cats_per_attr
+        Number of categories of each categorical condition.
+    n_continuous
+        Number of continuous conditions.
+    denoiser
+        ``"dit"`` (transformer over latent tokens) or ``"mlp"`` (residual MLP).
+    n_hidden
+        Width of the denoiser.
+    n_layers
+        Depth of the denoiser.
+    n_heads
+        Attention heads (DiT only).
+    token_dim
+        Latent coordinates per token (DiT only).
+    dropout
+        Dropout inside the denoiser.
+    p_uncond
+        Probability of dropping all conditions of a training sample to their null tokens.
+    p_drop_attr
+        Probability of dropping each condition independently, so that any subset of
+        conditions can be left unspecified at sampling time.
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_cats_per_attr: list[int],
+        n_continuous: int = 0,
+        denoiser: Literal["dit", "mlp"] = "dit",
+        n_hidden: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        token_dim: int = 4,
+        dropout: float = 0.0,
+        p_uncond: float = 0.1,
+        p_drop_attr: float = 0.1,
+    ):
+        super().__init__()
+        self.n_latent = n_latent
+        self.p_uncond = p_uncond
+        self.p_drop_attr = p_drop_attr
+        self.condition = ConditionEmbedding(n_cats_per_attr, n_continuous, n_hidden)
+        if denoiser == "dit":
+            self.denoiser = DiTDenoiser(
+                n_latent, n_hidden=n_hidden, n_layers=n_layers, n_heads=n_heads,
+                token_dim=token_dim, dropout=dropout,
+            )
+        elif denoiser == "mlp":
+            self.denoiser = MLPDenoiser(n_latent, n_hidden=n_hidden, n_layers=n_layers,
+                                        dropout=dropout)
+        else:
+            raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
+        self.register_buffer("latent_mean", torch.zeros(n_latent))
+        self.register_buffer("latent_std", torch.ones(n_latent))
+        self.register_buffer("cont_mean", torch.zeros(n_continuous))
+        self.register_buffer("cont_std", torch.ones(n_continuous))
+
+    # ---------------------------------------------------------------- scaling
+    def set_scaling(self, z: torch.Tensor, cont: torch.Tensor | None = None) -> None:
+        """Record per-dimension mean and standard deviation of training latents/covariates."""
+        self.latent_mean.copy_(z.mean(0))
+        self.latent_std.copy_(z.std(0).clamp_min(1e-4))
+        if cont is not None and cont.shape[1]:
+            self.cont_mean.copy_(cont.mean(0))
+            self.cont_std.copy_(cont.std(0).clamp_min(1e-6) if cont.shape[0] > 1 else 1.0)
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """Map latents to the standardised space the flow works in."""
+        return (z - self.latent_mean) / self.latent_std
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map flow outputs back to the VAE latent space."""
+        return x * self.latent_std + self.latent_mean
+
+    def scale_continuous(self, cont: torch.Tensor) -> torch.Tensor:
+        """Standardise continuous conditions (NaN, meaning 'unspecified', stays NaN)."""
+        return (cont - self.cont_mean) / self.cont_std
+
+    # ---------------------------------------------------------------- network
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cat: torch.Tensor,
+        cont: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted velocity at standardised ``x`` and time ``t`` under the conditions."""
+        return self.denoiser(x, t, self.condition(cat, cont, drop))
+
+    def condition_dropout_mask(self, n: int, device: torch.device) -> torch.Tensor:
+        """Boolean mask ``(n, n_attributes)``: per-attribute drops OR whole-sample drops."""
+        n_attr = self.condition.n_attributes
+        per_attr = torch.rand(n, n_attr, device=device) < self.p_drop_attr
+        whole = torch.rand(n, 1, device=device) < self.p_uncond
+        return per_attr | whole
+
+    # ---------------------------------------------------------------- scvi-tools module API
+    def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
+        return {"tensors": tensors}
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+        return {}
+
+    @auto_move_data
+    def inference(self, tensors: dict) -> dict:
+        """Standardise the latent batch and collect conditions."""
+        z = tensors[FLOW_KEYS.LATENT]
+        n = z.shape[0]
+        cat = tensors.get(FLOW_KEYS.COND_CAT)
+        if cat is None:
+            cat = torch.zeros(n, 0, dtype=torch.long, device=z.device)
+        cont = tensors.get(FLOW_KEYS.COND_CONT)
+        if cont is None:
+            cont = torch.zeros(n, 0, device=z.device)
+        return {"x1": self.standardize(z), "cat": cat.long(), "cont": self.scale_continuous(cont)}
+
+    def generative(self) -> dict:
+        """The flow has no separate generative pass during training."""
+        return {}
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """Conditional flow-matching loss with condition dropout.
+
+        Noise, times and the dropout mask are drawn here unless the batch provides them
+        (validation batches carry fixed ones so that the validation loss is deterministic).
+        """
+        x1 = inference_outputs["x1"]
+        n, device = x1.shape[0], x1.device
+        x0 = tensors.get(FLOW_KEYS.NOISE)
+        x0 = torch.randn_like(x1) if x0 is None else x0.to(device)
+        t = tensors.get(FLOW_KEYS.TIME)
+        t = torch.rand(n, device=device) if t is None else t.to(device).reshape(-1)
+        drop = tensors.get(FLOW_KEYS.DROP)
+        drop = self.condition_dropout_mask(n, device) if drop is None else drop.to(device).bool()
+        v = self.velocity(
+            interpolate(x0, x1, t), t, inference_outputs["cat"], inference_outputs["cont"], drop
+        )
+        per_cell = ((v - target_velocity(x0, x1)) ** 2).mean(-1)
+        loss = per_cell.mean()
+        return LossOutput(loss=loss, reconstruction_loss=per_cell, n_obs_minibatch=n,
+                          extra_metrics={"flow_loss": loss.detach()})
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        cat: torch.Tensor,
+        cont: torch.Tensor,
+        n_steps: int = 50,
+        method: SamplerMethod = "euler",
+        cfg_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
+        callback=None,
+    ) -> torch.Tensor:
+        """Generate latents (in the VAE latent space) for the given conditions.
+
+        Parameters
+        ----------
+        cat
+            Categorical codes ``(n, n_categorical)``; null-token codes mean "unspecified".
+        cont
+            Raw continuous conditions ``(n, n_continuous)``; NaN means "unspecified".
+        n_steps, method
+            ODE solver settings, see :func:`latentcell.module.integrate`.
+        cfg_scale
+            Classifier-free guidance weight ``w`` in ``v = v_null + w (v_cond - v_null)``;
+            1 is the plain conditional flow, 0 the unconditional one.
+        noise
+            Starting points at ``t = 0``; drawn from the global torch RNG if omitted.
+        callback
+            Called after each solver step.
+
+        Returns
+        -------
+        Latents of shape ``(n, n_latent)``.
+        """
+        n = cat.shape[0]
+        device = self.latent_mean.device
+        cat = cat.to(device).long()
+        cont = self.scale_continuous(cont.to(device).float())
+        x0 = torch.randn(n, self.n_latent, device=device) if noise is None else noise.to(device)
+        null_cat = self.condition.null_codes(n, device)
+        null_cont = torch.full_like(cont, float("nan"))
+        guided = cfg_scale != 1.0
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return self.velocity(x, t, cat, cont)
+            both = self.velocity(
+                torch.cat([x, x]), torch.cat([t, t]),
+                torch.cat([cat, null_cat]), torch.cat([cont, null_cont]),
+            )
+            v_cond, v_null = both.chunk(2)
+            return v_null + cfg_scale * (v_cond - v_null)
+
+        x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)
+        return self.unstandardize(x)

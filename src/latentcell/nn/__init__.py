@@ -1,0 +1,14 @@
+"""Building blocks: embeddings and denoisers. Knows neither AnnData nor the model."""
+
+from latentcell.nn._denoisers import AdaLNZero, DiTBlock, DiTDenoiser, MLPDenoiser
+from latentcell.nn._embeddings import ConditionEmbedding, TimeEmbedding, sinusoidal_embedding
+
+__all__ = [
+    "AdaLNZero",
+    "ConditionEmbedding",
+    "DiTBlock",
+    "DiTDenoiser",
+    "MLPDenoiser",
+    "TimeEmbedding",
+    "sinusoidal_embedding",
+]

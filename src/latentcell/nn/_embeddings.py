@@ -1,0 +1,148 @@
+"""Time and condition embeddings for the latent denoiser."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0
+) -> torch.Tensor:
+    """Sinusoidal features of a scalar per sample.
+
+    Parameters
+    ----------
+    t
+        Values of shape ``(batch,)``, typically flow times in ``[0, 1]``.
+    dim
+        Number of output features (an odd ``dim`` is zero-padded).
+    max_period
+        Longest period of the sinusoids.
+    scale
+        Multiplier applied to ``t`` first. Flow times live in ``[0, 1]``; without scaling,
+        all but the fastest frequencies would be near-constant over that range.
+
+    Returns
+    -------
+    Tensor of shape ``(batch, dim)``.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = (t.float() * scale)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of the flow time followed by a two-layer MLP.
+
+    Parameters
+    ----------
+    n_hidden
+        Output (and hidden) width.
+    n_frequencies
+        Number of sinusoidal features fed to the MLP.
+    """
+
+    def __init__(self, n_hidden: int, n_frequencies: int = 256):
+        super().__init__()
+        self.n_frequencies = n_frequencies
+        self.mlp = nn.Sequential(
+            nn.Linear(n_frequencies, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embed times of shape ``(batch,)`` into ``(batch, n_hidden)``."""
+        return self.mlp(sinusoidal_embedding(t, self.n_frequencies))
+
+
+class ConditionEmbedding(nn.Module):
+    """Sum of per-attribute embeddings, each with its own learned null token.
+
+    Categorical attribute ``i`` with ``n_i`` categories gets an embedding table of
+    ``n_i + 1`` rows; row ``n_i`` is the null token used for classifier-free guidance and
+    for attributes left unspecified at sampling time. Each continuous attribute is embedded
+    by a small MLP of its (standardised) value, and replaced by its own learned null vector
+    where dropped.
+
+    Parameters
+    ----------
+    n_cats_per_attr
+        Number of categories of each categorical attribute.
+    n_continuous
+        Number of continuous attributes.
+    n_hidden
+        Embedding width.
+    """
+
+    def __init__(self, n_cats_per_attr: list[int], n_continuous: int, n_hidden: int):
+        super().__init__()
+        self.n_cats_per_attr = list(n_cats_per_attr)
+        self.n_continuous = n_continuous
+        self.n_hidden = n_hidden
+        self.cat_embeddings = nn.ModuleList(nn.Embedding(n + 1, n_hidden) for n in n_cats_per_attr)
+        self.cont_embeddings = nn.ModuleList(
+            nn.Sequential(nn.Linear(1, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden))
+            for _ in range(n_continuous)
+        )
+        self.cont_null = nn.Parameter(torch.zeros(n_continuous, n_hidden))
+        for emb in self.cat_embeddings:
+            nn.init.normal_(emb.weight, std=0.02)
+
+    @property
+    def n_attributes(self) -> int:
+        """Number of attributes (categorical first, then continuous)."""
+        return len(self.n_cats_per_attr) + self.n_continuous
+
+    def null_codes(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """Categorical codes of ``n`` samples that all point at the null tokens."""
+        codes = torch.tensor(self.n_cats_per_attr, dtype=torch.long, device=device)
+        return codes.expand(n, -1).clone()
+
+    def forward(
+        self,
+        cat: torch.Tensor | None,
+        cont: torch.Tensor | None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed conditions.
+
+        Parameters
+        ----------
+        cat
+            Integer codes ``(batch, n_categorical)``; a code equal to the attribute's number of
+            categories selects its null token.
+        cont
+            Standardised values ``(batch, n_continuous)``.
+        drop
+            Boolean mask ``(batch, n_attributes)``; ``True`` replaces that attribute by its
+            null token.
+
+        Returns
+        -------
+        Tensor ``(batch, n_hidden)``, the sum of the attribute embeddings.
+        """
+        n = cat.shape[0] if cat is not None else cont.shape[0]
+        device = (cat if cat is not None else cont).device
+        out = torch.zeros(n, self.n_hidden, device=device)
+        n_cat = len(self.n_cats_per_attr)
+        for i, emb in enumerate(self.cat_embeddings):
+            code = cat[:, i].long()
+            if drop is not None:
+                code = torch.where(drop[:, i], torch.full_like(code, self.n_cats_per_attr[i]), code)
+            out = out + emb(code)
+        for j, emb in enumerate(self.cont_embeddings):
+            value = cont[:, j : j + 1]
+            is_null = ~torch.isfinite(value[:, 0])
+            if drop is not None:
+                is_null = is_null | drop[:, n_cat + j]
+            e = emb(torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
+            out = out + torch.where(is_null[:, None], self.cont_null[j].expand_as(e), e)
+        return out
