@@ -510,7 +510,7 @@ class LatentDiffusionModel(BaseModelClass):
             {FLOW_KEYS.LATENT: z, FLOW_KEYS.COND_CAT: torch.as_tensor(cat),
              FLOW_KEYS.COND_CONT: torch.as_tensor(cont)},
             train_idx=train_idx, val_idx=val_idx, batch_size=batch_size,
-            n_attributes=flow.condition.n_attributes, seed=settings.seed,
+            n_attributes=flow.condition.n_attributes, seed=settings.seed or 0,
         )
         steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
         max_epochs = max_epochs or int(np.clip(round(4000 / steps_per_epoch), 5, 1000))
