@@ -17,12 +17,14 @@ Rows, all from this one run:
 - latentcell: the flow conditioned on the label.
 
 Usage: ``python benchmarks/generation_pbmc3k.py [--seed 0] [--out benchmarks/results]``
+(data from ``../shared/data``, or the folder in ``$LATENTCELL_DATA``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -32,8 +34,9 @@ import anndata as ad
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "generation" / \
-    "pbmc3k_raw_counts_louvain_2638.h5ad"
+DATA_DIR = Path(os.environ.get(
+    "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = DATA_DIR / "generation" / "pbmc3k_raw_counts_louvain_2638.h5ad"
 LABELS = "cell_type"
 
 
@@ -82,10 +85,12 @@ def scvi_baselines(train, test, seed):
     module.eval()
     with torch.inference_mode():
         torch.manual_seed(seed)
-        z = torch.randn(test.n_obs, module.n_latent)
-        out = module.generative(z=z, library=torch.as_tensor(lib)[:, None],
-                                batch_index=torch.zeros(test.n_obs, 1, dtype=torch.long))
-        counts = out["px"].sample().numpy().astype(np.float32)
+        dev = next(module.parameters()).device
+        z = torch.randn(test.n_obs, module.n_latent).to(dev)
+        out = module.generative(z=z, library=torch.as_tensor(lib, device=dev)[:, None],
+                                batch_index=torch.zeros(test.n_obs, 1, dtype=torch.long,
+                                                        device=dev))
+        counts = out["px"].sample().cpu().numpy().astype(np.float32)
     prior = ad.AnnData(X=counts, obs=test.obs[[LABELS]].reset_index(drop=True), var=train.var)
     return post, prior, fit, model.history["elbo_validation"].shape[0]
 
