@@ -23,10 +23,10 @@ demo: setup
 	$(BIN)/latentcell demo
 
 test: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check src tests benchmarks
 
 docs: setup

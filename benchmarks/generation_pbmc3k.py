@@ -48,7 +48,7 @@ def load_split(seed: int):
     adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
     rng = np.random.default_rng(seed)
     perm = rng.permutation(adata.n_obs)
-    n_test = int(round(0.3 * adata.n_obs))
+    n_test = round(0.3 * adata.n_obs)
     test, train = adata[np.sort(perm[:n_test])].copy(), adata[np.sort(perm[n_test:])].copy()
     return train, test
 
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
         "timing_seconds": {"latentcell_fit": round(ldm_fit, 1),
                            "latentcell_sample": round(sample_time, 2),
                            "scvi_fit": round(scvi_fit, 1)},
-        "latentcell_epochs": {k: int(len(model.history[k])) for k in
+        "latentcell_epochs": {k: len(model.history[k]) for k in
                               ("elbo_validation", "flow_loss_validation")},
         "scvi_epochs": int(scvi_epochs),
         "space": space.to_dict(include_genes=False),

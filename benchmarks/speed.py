@@ -85,12 +85,12 @@ def main(argv=None):
         rows[f"flow epoch ({denoiser})"] = dict(seconds=sec / args.epochs, peak_mib=mem)
         n = args.n_sample
         model.sample(n_samples=256, progress_bar=False)
-        sec, mem = timed(lambda m=model: m.sample(n_samples=n, n_steps=50, method="midpoint",
+        sec, mem = timed(lambda m=model, n=n: m.sample(n_samples=n, n_steps=50, method="midpoint",
                                                   progress_bar=False, batch_size=4096))
         rows[f"sample {n} cells, flow ({denoiser}, 100 evals)"] = dict(
             seconds=sec, cells_per_s=n / sec, peak_mib=mem)
         if denoiser == "dit":
-            sec, mem = timed(lambda m=model: m.sample(n_samples=n, latent_prior="normal",
+            sec, mem = timed(lambda m=model, n=n: m.sample(n_samples=n, latent_prior="normal",
                                                       progress_bar=False, batch_size=4096))
             rows[f"sample {n} cells, VAE prior (baseline)"] = dict(
                 seconds=sec, cells_per_s=n / sec, peak_mib=mem)

@@ -1,7 +1,6 @@
 import json
 
 import anndata
-
 import pytest
 
 import latentcell as lc

@@ -168,7 +168,10 @@ def test_load_never_unpickles(trained, tmp_path):
 # --------------------------------------------------------------------------- bad input
 def _assert_unchanged(adata, snap):
     x, obs, var, layers, uns = snap
-    assert (adata.X != x).nnz == 0 if sparse.issparse(x) else np.array_equal(adata.X, x, equal_nan=True)
+    if sparse.issparse(x):
+        assert (adata.X != x).nnz == 0
+    else:
+        assert np.array_equal(adata.X, x, equal_nan=True)
     pd.testing.assert_frame_equal(adata.obs, obs)
     pd.testing.assert_frame_equal(adata.var, var)
     assert set(adata.layers) == layers and set(adata.uns) == uns

@@ -72,7 +72,7 @@ def run_demo(
                          f"{list(adata.obs.columns)}")
     rng = np.random.default_rng(seed)
     is_test = np.zeros(adata.n_obs, dtype=bool)
-    is_test[rng.permutation(adata.n_obs)[: int(round(test_fraction * adata.n_obs))]] = True
+    is_test[rng.permutation(adata.n_obs)[: round(test_fraction * adata.n_obs)]] = True
     train, test = adata[~is_test].copy(), adata[is_test].copy()
 
     LatentDiffusionModel.setup_anndata(train, layer=layer, labels_key=labels_key)

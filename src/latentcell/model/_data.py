@@ -87,7 +87,7 @@ class LatentDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        """Validation cells with their fixed noise and times."""
+        """Return the validation cells with their fixed noise and times."""
         if self.n_val == 0:
             return []
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 1024),

@@ -502,7 +502,8 @@ class LatentDiffusionModel(BaseModelClass):
         codes = self._registered_codes(adata)
         cat, cont = self._flow_codes(codes)
         flow = self.module.flow
-        flow.set_scaling(z.to(flow.latent_mean.device), torch.as_tensor(cont).to(flow.latent_mean.device))
+        device = flow.latent_mean.device
+        flow.set_scaling(z.to(device), torch.as_tensor(cont).to(device))
 
         batch_size = batch_size or (1024 if adata.n_obs >= _LARGE else 128)
         train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
@@ -519,7 +520,9 @@ class LatentDiffusionModel(BaseModelClass):
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping", True)
             trainer_kwargs.setdefault("early_stopping_monitor", "flow_loss_validation")
-            trainer_kwargs.setdefault("early_stopping_patience", patience or max(20, max_epochs // 10))
+            trainer_kwargs.setdefault(
+                "early_stopping_patience", patience or max(20, max_epochs // 10)
+            )
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
         plan = FlowTrainingPlan(flow, lr=lr, **plan_kwargs)
@@ -537,7 +540,7 @@ class LatentDiffusionModel(BaseModelClass):
             return np.asarray(train_idx), np.asarray(val_idx)
         rng = np.random.default_rng(settings.seed)
         perm = rng.permutation(n_obs)
-        n_val = int(round(n_obs * (validation_size if validation_size else 1 - train_size)))
+        n_val = round(n_obs * (validation_size if validation_size else 1 - train_size))
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
     def _merged_history(self) -> dict:
@@ -672,9 +675,10 @@ class LatentDiffusionModel(BaseModelClass):
             if candidates.size == 0:
                 first_i = specified[0][0]
                 candidates = np.flatnonzero(cat_ref[:, first_i] == key[0])
+                combo = dict(zip([a["name"] for _, a in specified], key, strict=True))
                 warnings.warn(
-                    f"No training cell has the combination {dict(zip([a['name'] for _, a in specified], key, strict=True))}"
-                    f"; drawing library sizes from cells matching {specified[0][1]['name']!r} only.",
+                    f"No training cell has the combination {combo}; drawing library sizes "
+                    f"from cells matching {specified[0][1]['name']!r} only.",
                     UserWarning, stacklevel=3,
                 )
             rows[members] = rng.choice(candidates, size=len(members), replace=True)
@@ -806,7 +810,7 @@ class LatentDiffusionModel(BaseModelClass):
         )
 
     def _decode(self, z: torch.Tensor, ref: dict[str, np.ndarray]):
-        """Decoder likelihood at latents ``z`` with the given library sizes and covariates."""
+        """Return the decoder likelihood at ``z`` for given library sizes and covariates."""
         device = z.device
         vae = self.module.vae
         cat_covs = torch.as_tensor(ref["cat_covs"], device=device) if ref["cat_covs"].shape[1] \
@@ -835,7 +839,8 @@ class LatentDiffusionModel(BaseModelClass):
                 obs[name] = pd.Categorical.from_codes(ref["batch"], categories=batch_state[
                     "categorical_mapping"])
             elif a["source"] == _CAT_COVS:
-                obs[name] = pd.Categorical.from_codes(ref["cat_covs"][:, a["column"]], categories=cats)
+                codes = ref["cat_covs"][:, a["column"]]
+                obs[name] = pd.Categorical.from_codes(codes, categories=cats)
         for j, c in enumerate(attrs["continuous"]):
             obs[c] = ref["cont_covs"][:, j]
         var = (

@@ -61,8 +61,9 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
     n_frac = int((np.abs(frac) > 1e-6).sum())
     if n_frac:
         raise ValueError(
-            f"{where} contains {n_frac} non-integer values (e.g. {values[np.abs(frac) > 1e-6][0]:g})"
-            f". gene_likelihood 'nb', 'zinb' and 'poisson' model raw integer counts; this "
+            f"{where} contains {n_frac} non-integer values "
+            f"(e.g. {values[np.abs(frac) > 1e-6][0]:g}). gene_likelihood 'nb', 'zinb' and "
+            f"'poisson' model raw integer counts; this "
             f"looks normalised or log-transformed. Pass the layer holding raw counts with "
             f"layer=..., or round recovered counts explicitly."
         )

@@ -137,7 +137,7 @@ class LatentFlow(BaseModuleClass):
         return {"x1": self.standardize(z), "cat": cat.long(), "cont": self.scale_continuous(cont)}
 
     def generative(self) -> dict:
-        """The flow has no separate generative pass during training."""
+        """Return nothing: the flow has no separate generative pass during training."""
         return {}
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
