@@ -257,3 +257,18 @@ def test_query_on_new_cells_uses_registry(trained):
     z = trained.get_latent_representation(new)
     assert z.shape == (30, 8) and np.isfinite(z).all()
     assert torch.is_tensor(torch.as_tensor(z))
+
+
+def test_retraining_vae_resets_flow(synthetic):
+    LDM.setup_anndata(synthetic, layer="counts", labels_key="cell_type")
+    model = LDM(synthetic, **FAST_MODEL)
+    model.train(**FAST_TRAIN)
+    old_flow = model.module.flow
+    model.train(stage="vae", max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    assert model.trained_stages_ == ["vae"]
+    assert model.module.flow is not old_flow
+    assert "flow_loss_train" not in model.history
+    with pytest.raises(RuntimeError, match="FLOW stage"):
+        model.sample(n_samples=2)
+    model.train(stage="flow", flow_max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    assert model.sample(n_samples=2, n_steps=2, progress_bar=False).n_obs == 2

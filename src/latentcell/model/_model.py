@@ -168,7 +168,7 @@ class LatentDiffusionModel(BaseModelClass):
             **vae_kwargs,
         )
         attrs = self._condition_attributes()
-        flow = LatentFlow(
+        self._flow_kwargs = dict(
             n_latent=n_latent,
             n_cats_per_attr=[len(a["categories"]) for a in attrs["categorical"]],
             n_continuous=len(attrs["continuous"]),
@@ -180,7 +180,7 @@ class LatentDiffusionModel(BaseModelClass):
             p_uncond=p_uncond,
             p_drop_attr=p_drop_attr,
         )
-        self.module = LatentDiffusionModule(vae, flow)
+        self.module = LatentDiffusionModule(vae, LatentFlow(**self._flow_kwargs))
         self.trained_stages_: list[str] = []
         self.stage_history_: dict[str, dict] = {}
         self.reference_: dict[str, np.ndarray] = {}
@@ -472,6 +472,11 @@ class LatentDiffusionModel(BaseModelClass):
         self.module.vae.train()
         for p in self.module.vae.parameters():
             p.requires_grad_(True)
+        if "flow" in self.trained_stages_:
+            # the old flow was fit to the old latent space: start it afresh
+            device = self.module.device
+            self.module.flow = LatentFlow(**self._flow_kwargs).to(device)
+            self.reference_ = {}
         self.trained_stages_ = []
         self.stage_history_ = {}
         self._run("vae", plan, splitter, max_epochs, accelerator, devices, **trainer_kwargs)
