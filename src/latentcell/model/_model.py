@@ -380,8 +380,8 @@ class LatentDiffusionModel(BaseModelClass):
             Maximum VAE epochs; default ``min(400, 400 * 20000 / n_cells)`` (scvi-tools'
             heuristic).
         flow_max_epochs
-            Maximum flow epochs; default about 4000 optimisation steps, between 5 and 1000
-            epochs.
+            Maximum flow epochs; default about ``max(4000, n_cells / 50)`` optimisation steps,
+            between 5 and 1000 epochs.
         accelerator, devices
             Passed to Lightning.
         train_size, validation_size
@@ -393,7 +393,7 @@ class LatentDiffusionModel(BaseModelClass):
             Stop each stage when its validation loss has not improved for
             ``early_stopping_patience`` epochs.
         early_stopping_patience
-            Default 45 epochs for the VAE and ``max(20, flow_max_epochs // 10)`` for the flow.
+            Default 45 epochs for the VAE and ``max(50, flow_max_epochs // 5)`` for the flow.
         n_epochs_kl_warmup
             Epochs of linear KL warm-up of the VAE; default ``min(50, max_epochs // 4)``.
         lr, flow_lr
@@ -503,7 +503,7 @@ class LatentDiffusionModel(BaseModelClass):
         self.module.vae.eval()
         for p in self.module.vae.parameters():
             p.requires_grad_(False)
-        z = torch.as_tensor(self._latent_means(adata))
+        z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
         codes = self._registered_codes(adata)
         cat, cont = self._flow_codes(codes)
         flow = self.module.flow
@@ -519,14 +519,15 @@ class LatentDiffusionModel(BaseModelClass):
             n_attributes=flow.condition.n_attributes, seed=settings.seed or 0,
         )
         steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
-        max_epochs = max_epochs or int(np.clip(round(4000 / steps_per_epoch), 5, 1000))
+        target_steps = max(4000, adata.n_obs // 50)
+        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
         if early_stopping and len(val_idx) == 0:
             raise ValueError("Early stopping of the flow needs validation cells; lower train_size.")
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping", True)
             trainer_kwargs.setdefault("early_stopping_monitor", "flow_loss_validation")
             trainer_kwargs.setdefault(
-                "early_stopping_patience", patience or max(20, max_epochs // 10)
+                "early_stopping_patience", patience or max(50, max_epochs // 5)
             )
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
