@@ -14,7 +14,8 @@ Rows, all from this one run:
 - scVI prior: z ~ N(0, I) through the trained scVI decoder, library size of a training cell
   of the same label;
 - latentcell VAE prior: the same through latentcell's own VAE, without the flow;
-- latentcell: the flow conditioned on the label.
+- latentcell (mlp denoiser): the same model with ``denoiser="mlp"``;
+- latentcell: the flow (default DiT denoiser) conditioned on the label.
 
 Usage: ``python benchmarks/generation_pbmc3k.py [--seed 0] [--out benchmarks/results]``
 (data from ``../shared/data``, or the folder in ``$LATENTCELL_DATA``).
@@ -121,6 +122,11 @@ def main(argv=None) -> dict:
     sample_time = time.time() - t0
     vae_prior = model.sample(conditions=conditions, seed=args.seed, latent_prior="normal",
                              progress_bar=False)
+    t0 = time.time()
+    mlp = lc.LatentDiffusionModel(train, denoiser="mlp")
+    mlp.train(seed=args.seed, accelerator=args.accelerator, enable_progress_bar=False)
+    mlp_fit = time.time() - t0
+    gen_mlp = mlp.sample(conditions=conditions, seed=args.seed, progress_bar=False)
     post, prior, scvi_fit, scvi_epochs = scvi_baselines(train, test, args.seed)
     rows = label_matched_rows(train, test, np.random.default_rng(args.seed + 1))
     floor = train[rows].copy()
@@ -132,6 +138,7 @@ def main(argv=None) -> dict:
         ("scVI posterior predictive", post),
         ("scVI prior", prior),
         ("latentcell VAE prior (no flow)", vae_prior),
+        ("latentcell (mlp denoiser)", gen_mlp),
         ("latentcell", gen),
     ]:
         rows_out[name] = evaluate_generation(test, cells, labels_key=LABELS, space=space,
@@ -154,6 +161,7 @@ def main(argv=None) -> dict:
         "solver_sweep_latentcell": solver_sweep,
         "timing_seconds": {"latentcell_fit": round(ldm_fit, 1),
                            "latentcell_sample": round(sample_time, 2),
+                           "latentcell_mlp_fit": round(mlp_fit, 1),
                            "scvi_fit": round(scvi_fit, 1)},
         "latentcell_epochs": {k: len(model.history[k]) for k in
                               ("elbo_validation", "flow_loss_validation")},

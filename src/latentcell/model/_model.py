@@ -393,7 +393,8 @@ class LatentDiffusionModel(BaseModelClass):
             Stop each stage when its validation loss has not improved for
             ``early_stopping_patience`` epochs.
         early_stopping_patience
-            Default 45 epochs for the VAE and ``max(50, flow_max_epochs // 5)`` for the flow.
+            Default 45 epochs for the VAE and ``max(50, flow_max_epochs // 5)`` for the flow,
+            which also never stops in its first ~1500 optimisation steps.
         n_epochs_kl_warmup
             Epochs of linear KL warm-up of the VAE; default ``min(50, max_epochs // 4)``.
         lr, flow_lr
@@ -528,6 +529,12 @@ class LatentDiffusionModel(BaseModelClass):
             trainer_kwargs.setdefault("early_stopping_monitor", "flow_loss_validation")
             trainer_kwargs.setdefault(
                 "early_stopping_patience", patience or max(50, max_epochs // 5)
+            )
+            # The DiT's validation loss can sit on a plateau for its first few hundred steps
+            # (adaLN-Zero starts every block switched off); never stop inside that window.
+            trainer_kwargs.setdefault(
+                "early_stopping_warmup_epochs",
+                min(max_epochs // 2, math.ceil(1500 / steps_per_epoch)),
             )
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
