@@ -35,8 +35,11 @@ import anndata as ad
 import numpy as np
 import torch
 
-DATA_DIR = Path(os.environ.get(
-    "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA_DIR = Path(
+    os.environ.get(
+        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+)
 DATA = DATA_DIR / "generation" / "pbmc3k_raw_counts_louvain_2638.h5ad"
 LABELS = "cell_type"
 
@@ -79,9 +82,13 @@ def scvi_baselines(train, test, seed):
     rows = label_matched_rows(train, test, rng)
     post = model.posterior_predictive_sample(data, indices=rows, n_samples=1)
     post = post.to_scipy_sparse() if hasattr(post, "to_scipy_sparse") else post
-    post = ad.AnnData(X=np.asarray(post.todense() if hasattr(post, "todense") else post,
-                                   dtype=np.float32).reshape(test.n_obs, -1),
-                      obs=test.obs[[LABELS]].reset_index(drop=True), var=train.var)
+    post = ad.AnnData(
+        X=np.asarray(
+            post.todense() if hasattr(post, "todense") else post, dtype=np.float32
+        ).reshape(test.n_obs, -1),
+        obs=test.obs[[LABELS]].reset_index(drop=True),
+        var=train.var,
+    )
     lib = np.log(np.asarray(train.X.sum(1)).ravel()[rows]).astype(np.float32)
     module = model.module
     module.eval()
@@ -89,9 +96,11 @@ def scvi_baselines(train, test, seed):
         torch.manual_seed(seed)
         dev = next(module.parameters()).device
         z = torch.randn(test.n_obs, module.n_latent).to(dev)
-        out = module.generative(z=z, library=torch.as_tensor(lib, device=dev)[:, None],
-                                batch_index=torch.zeros(test.n_obs, 1, dtype=torch.long,
-                                                        device=dev))
+        out = module.generative(
+            z=z,
+            library=torch.as_tensor(lib, device=dev)[:, None],
+            batch_index=torch.zeros(test.n_obs, 1, dtype=torch.long, device=dev),
+        )
         counts = out["px"].sample().cpu().numpy().astype(np.float32)
     prior = ad.AnnData(X=counts, obs=test.obs[[LABELS]].reset_index(drop=True), var=train.var)
     return post, prior, fit, model.history["elbo_validation"].shape[0]
@@ -107,10 +116,13 @@ def main(argv=None) -> dict:
         print(f"skipped: {DATA} not found (needs ../shared/data beside the repository)")
         return {}
     warnings.filterwarnings("ignore")
+    import scvi
+
     import latentcell as lc
     from latentcell.metrics import evaluate_generation, fit_eval_space, real_vs_real_null
 
     train, test = load_split(args.seed)
+    scvi.settings.seed = args.seed  # seeds the initial weights of the model built next
     t0 = time.time()
     lc.LatentDiffusionModel.setup_anndata(train, labels_key=LABELS)
     model = lc.LatentDiffusionModel(train)
@@ -120,8 +132,9 @@ def main(argv=None) -> dict:
     t0 = time.time()
     gen = model.sample(conditions=conditions, seed=args.seed, progress_bar=False)
     sample_time = time.time() - t0
-    vae_prior = model.sample(conditions=conditions, seed=args.seed, latent_prior="normal",
-                             progress_bar=False)
+    vae_prior = model.sample(
+        conditions=conditions, seed=args.seed, latent_prior="normal", progress_bar=False
+    )
     t0 = time.time()
     mlp = lc.LatentDiffusionModel(train, denoiser="mlp")
     mlp.train(seed=args.seed, accelerator=args.accelerator, enable_progress_bar=False)
@@ -141,30 +154,43 @@ def main(argv=None) -> dict:
         ("latentcell (mlp denoiser)", gen_mlp),
         ("latentcell", gen),
     ]:
-        rows_out[name] = evaluate_generation(test, cells, labels_key=LABELS, space=space,
-                                             seed=args.seed, reference=train)
+        rows_out[name] = evaluate_generation(
+            test, cells, labels_key=LABELS, space=space, seed=args.seed, reference=train
+        )
     solver_sweep = {}
     for method in ("euler", "midpoint", "heun"):
         for n_steps in (10, 25, 50):
-            cells = model.sample(conditions=conditions, seed=args.seed, method=method,
-                                 n_steps=n_steps, progress_bar=False)
-            r = evaluate_generation(test, cells, labels_key=LABELS, space=space,
-                                    seed=args.seed, reference=train)
-            solver_sweep[f"{method}-{n_steps}"] = {k: r[k] for k in
-                                                   ("energy", "knn_accuracy", "label_accuracy")}
+            cells = model.sample(
+                conditions=conditions,
+                seed=args.seed,
+                method=method,
+                n_steps=n_steps,
+                progress_bar=False,
+            )
+            r = evaluate_generation(
+                test, cells, labels_key=LABELS, space=space, seed=args.seed, reference=train
+            )
+            solver_sweep[f"{method}-{n_steps}"] = {
+                k: r[k] for k in ("energy", "knn_accuracy", "label_accuracy")
+            }
     null = real_vs_real_null(test, n_repeats=5, seed=args.seed, space=space)
     result = {
         "dataset": "pbmc3k (2638 cells; 2000 HVGs)",
-        "n_train": train.n_obs, "n_test": test.n_obs, "seed": args.seed,
+        "n_train": train.n_obs,
+        "n_test": test.n_obs,
+        "seed": args.seed,
         "results": rows_out,
         "real_vs_real_null_halves_of_test": null,
         "solver_sweep_latentcell": solver_sweep,
-        "timing_seconds": {"latentcell_fit": round(ldm_fit, 1),
-                           "latentcell_sample": round(sample_time, 2),
-                           "latentcell_mlp_fit": round(mlp_fit, 1),
-                           "scvi_fit": round(scvi_fit, 1)},
-        "latentcell_epochs": {k: len(model.history[k]) for k in
-                              ("elbo_validation", "flow_loss_validation")},
+        "timing_seconds": {
+            "latentcell_fit": round(ldm_fit, 1),
+            "latentcell_sample": round(sample_time, 2),
+            "latentcell_mlp_fit": round(mlp_fit, 1),
+            "scvi_fit": round(scvi_fit, 1),
+        },
+        "latentcell_epochs": {
+            k: len(model.history[k]) for k in ("elbo_validation", "flow_loss_validation")
+        },
         "scvi_epochs": int(scvi_epochs),
         "space": space.to_dict(include_genes=False),
     }
@@ -174,19 +200,25 @@ def main(argv=None) -> dict:
     table = markdown_table(rows_out)
     (out / "generation_pbmc3k.md").write_text(table + "\n")
     print(table)
-    print(f"real-vs-real null (random halves of held-out cells): energy "
-          f"{null['energy_mean']:.3f} ± {null['energy_std']:.3f}")
+    print(
+        f"real-vs-real null (random halves of held-out cells): energy "
+        f"{null['energy_mean']:.3f} ± {null['energy_std']:.3f}"
+    )
     print(json.dumps(result["timing_seconds"]), json.dumps(result["latentcell_epochs"]))
     print("solver sweep (energy):", {k: round(v["energy"], 3) for k, v in solver_sweep.items()})
     return result
 
 
 def markdown_table(rows: dict) -> str:
-    lines = ["| cells compared with held-out pbmc3k | energy | MMD | kNN acc (0.5 ideal) | "
-             "label acc |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| cells compared with held-out pbmc3k | energy | MMD | kNN acc (0.5 ideal) | label acc |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['energy']:.3f} | {r['mmd']:.4f} | "
-                     f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} |")
+        lines.append(
+            f"| {name} | {r['energy']:.3f} | {r['mmd']:.4f} | "
+            f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} |"
+        )
     return "\n".join(lines)
 
 

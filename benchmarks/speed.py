@@ -50,8 +50,9 @@ def main(argv=None):
 
     import latentcell as lc
 
-    adata = lc.datasets.synthetic_counts(n_cells=args.n_cells, n_genes=args.n_genes,
-                                         n_cell_types=8, n_batches=2, seed=0)
+    adata = lc.datasets.synthetic_counts(
+        n_cells=args.n_cells, n_genes=args.n_genes, n_cell_types=8, n_batches=2, seed=0
+    )
     common = dict(accelerator=args.accelerator, enable_progress_bar=False, devices=1)
     rows = {}
 
@@ -70,40 +71,65 @@ def main(argv=None):
     sec, mem = timed(lambda: ref.train(max_epochs=args.epochs, early_stopping=False, **common))
     rows["scVI epoch (baseline)"] = dict(seconds=sec / args.epochs, peak_mib=mem)
 
-    lc.LatentDiffusionModel.setup_anndata(adata, layer="counts", batch_key="batch",
-                                          labels_key="cell_type")
+    lc.LatentDiffusionModel.setup_anndata(
+        adata, layer="counts", batch_key="batch", labels_key="cell_type"
+    )
     for denoiser in ("dit", "mlp"):
         model = lc.LatentDiffusionModel(adata, denoiser=denoiser)
         model.train(stage="vae", max_epochs=1, early_stopping=False, **common)
         if denoiser == "dit":
-            sec, mem = timed(lambda m=model: m.train(stage="vae", max_epochs=args.epochs,
-                                                     early_stopping=False, **common))
+            sec, mem = timed(
+                lambda m=model: m.train(
+                    stage="vae", max_epochs=args.epochs, early_stopping=False, **common
+                )
+            )
             rows["latentcell VAE epoch"] = dict(seconds=sec / args.epochs, peak_mib=mem)
         model.train(stage="flow", flow_max_epochs=1, early_stopping=False, **common)
-        sec, mem = timed(lambda m=model: m.train(stage="flow", flow_max_epochs=args.epochs,
-                                                 early_stopping=False, **common))
+        sec, mem = timed(
+            lambda m=model: m.train(
+                stage="flow", flow_max_epochs=args.epochs, early_stopping=False, **common
+            )
+        )
         rows[f"flow epoch ({denoiser})"] = dict(seconds=sec / args.epochs, peak_mib=mem)
         n = args.n_sample
         model.sample(n_samples=256, progress_bar=False)
-        sec, mem = timed(lambda m=model, n=n: m.sample(n_samples=n, n_steps=50, method="midpoint",
-                                                  progress_bar=False, batch_size=4096))
+        sec, mem = timed(
+            lambda m=model, n=n: m.sample(
+                n_samples=n, n_steps=50, method="midpoint", progress_bar=False, batch_size=4096
+            )
+        )
         rows[f"sample {n} cells, flow ({denoiser}, 100 evals)"] = dict(
-            seconds=sec, cells_per_s=n / sec, peak_mib=mem)
+            seconds=sec, cells_per_s=n / sec, peak_mib=mem
+        )
         if denoiser == "dit":
-            sec, mem = timed(lambda m=model, n=n: m.sample(n_samples=n, latent_prior="normal",
-                                                      progress_bar=False, batch_size=4096))
+            sec, mem = timed(
+                lambda m=model, n=n: m.sample(
+                    n_samples=n, latent_prior="normal", progress_bar=False, batch_size=4096
+                )
+            )
             rows[f"sample {n} cells, VAE prior (baseline)"] = dict(
-                seconds=sec, cells_per_s=n / sec, peak_mib=mem)
+                seconds=sec, cells_per_s=n / sec, peak_mib=mem
+            )
 
     base_epoch = rows["scVI epoch (baseline)"]["seconds"]
     base_sample = rows[f"sample {args.n_sample} cells, VAE prior (baseline)"]["seconds"]
     for name, r in rows.items():
         r["ratio_to_baseline"] = round(
-            r["seconds"] / (base_sample if name.startswith("sample") else base_epoch), 2)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and \
-        args.accelerator != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
-    result = dict(device=device, n_cells=args.n_cells, n_genes=args.n_genes, rows=rows,
-                  torch=torch.__version__, scvi=scvi.__version__)
+            r["seconds"] / (base_sample if name.startswith("sample") else base_epoch), 2
+        )
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and args.accelerator != "cpu"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    result = dict(
+        device=device,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        rows=rows,
+        torch=torch.__version__,
+        scvi=scvi.__version__,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if "cpu" not in device else "cpu"
@@ -113,8 +139,10 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         cps = f"{r['cells_per_s']:.0f}" if "cells_per_s" in r else ""
-        print(f"| {name} | {r['seconds']:.3f} | {r['ratio_to_baseline']} | {cps} | "
-              f"{r['peak_mib'] if r['peak_mib'] is not None else ''} |")
+        print(
+            f"| {name} | {r['seconds']:.3f} | {r['ratio_to_baseline']} | {cps} | "
+            f"{r['peak_mib'] if r['peak_mib'] is not None else ''} |"
+        )
     return result
 
 

@@ -9,23 +9,29 @@ import latentcell as lc
 warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 FAST_MODEL = dict(n_latent=8, n_hidden=32, flow_n_hidden=32, flow_n_layers=2, token_dim=4)
-FAST_TRAIN = dict(max_epochs=8, flow_max_epochs=15, accelerator="cpu", seed=0,
-                  enable_progress_bar=False)
+FAST_TRAIN = dict(
+    max_epochs=8, flow_max_epochs=15, accelerator="cpu", seed=0, enable_progress_bar=False
+)
 
 
 @pytest.fixture
 def synthetic():
-    return lc.datasets.synthetic_counts(n_cells=240, n_genes=40, n_cell_types=3, n_batches=2,
-                                        seed=1)
+    return lc.datasets.synthetic_counts(
+        n_cells=240, n_genes=40, n_cell_types=3, n_batches=2, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
 def trained():
     """A small model with labels, batch and a continuous covariate, trained once."""
     adata = lc.datasets.synthetic_counts(n_cells=300, n_genes=40, seed=0)
-    lc.LatentDiffusionModel.setup_anndata(adata, layer="counts", labels_key="cell_type",
-                                          batch_key="batch",
-                                          continuous_covariate_keys=["score"])
+    lc.LatentDiffusionModel.setup_anndata(
+        adata,
+        layer="counts",
+        labels_key="cell_type",
+        batch_key="batch",
+        continuous_covariate_keys=["score"],
+    )
     model = lc.LatentDiffusionModel(adata, **FAST_MODEL)
     model.train(**FAST_TRAIN)
     return model

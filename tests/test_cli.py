@@ -12,8 +12,25 @@ def test_demo_writes_outputs(tmp_path):
     path = tmp_path / "counts.h5ad"
     data.write_h5ad(path)
     out = tmp_path / "out"
-    assert main(["demo", "--data", str(path), "--layer", "counts", "--labels-key",
-                 "cell_type", "--out", str(out), "--max-epochs", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(path),
+                "--layer",
+                "counts",
+                "--labels-key",
+                "cell_type",
+                "--out",
+                str(out),
+                "--max-epochs",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("latentcell", "floor_real_train_vs_test", "vae_normal_prior"):
         assert {"energy", "mmd", "knn_accuracy", "label_accuracy"} <= set(metrics[key])
@@ -35,6 +52,10 @@ def test_module_entry_point():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "latentcell", "demo", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "latentcell", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--max-epochs" in out.stdout and "--labels-key" in out.stdout

@@ -6,8 +6,15 @@ from latentcell.module import LatentFlow
 
 def _flow(**kw):
     torch.manual_seed(0)
-    return LatentFlow(n_latent=6, n_cats_per_attr=[3, 2], n_continuous=1, n_hidden=16,
-                      n_layers=1, token_dim=3, **kw)
+    return LatentFlow(
+        n_latent=6,
+        n_cats_per_attr=[3, 2],
+        n_continuous=1,
+        n_hidden=16,
+        n_layers=1,
+        token_dim=3,
+        **kw,
+    )
 
 
 def test_condition_dropout_mask_rates():
@@ -19,8 +26,9 @@ def test_condition_dropout_mask_rates():
     assert abs(whole - (0.2 + 0.8 * 0.1**3)) < 0.015
     per_attr = mask.float().mean(0)
     assert torch.allclose(per_attr, torch.full((3,), 0.2 + 0.8 * 0.1), atol=0.015)
-    none = LatentFlow(6, [3], p_uncond=0.0, p_drop_attr=0.0, n_hidden=16, n_layers=1,
-                      token_dim=3).condition_dropout_mask(100, torch.device("cpu"))
+    none = LatentFlow(
+        6, [3], p_uncond=0.0, p_drop_attr=0.0, n_hidden=16, n_layers=1, token_dim=3
+    ).condition_dropout_mask(100, torch.device("cpu"))
     assert not none.any()
 
 
@@ -68,8 +76,9 @@ def test_scaling_round_trip_and_sampling_with_guidance():
     plain = flow.sample(cat, cont, n_steps=5, noise=noise)
     guided_one = flow.sample(cat, cont, n_steps=5, noise=noise, cfg_scale=1.0)
     assert torch.allclose(plain, guided_one)
-    uncond = flow.sample(flow.condition.null_codes(4), torch.full((4, 1), float("nan")),
-                         n_steps=5, noise=noise)
+    uncond = flow.sample(
+        flow.condition.null_codes(4), torch.full((4, 1), float("nan")), n_steps=5, noise=noise
+    )
     zero_guidance = flow.sample(cat, cont, n_steps=5, noise=noise, cfg_scale=0.0)
     assert torch.allclose(uncond, zero_guidance, atol=1e-5)
     assert plain.shape == (4, 6)

@@ -33,8 +33,9 @@ def test_train_both_stages_and_sample(synthetic, denoiser, likelihood):
     assert model.trained_stages_ == ["vae", "flow"]
     for key in ("elbo_train", "elbo_validation", "flow_loss_train", "flow_loss_validation"):
         assert key in model.history and len(model.history[key]) > 0
-    gen = model.sample(n_samples=20, conditions={"cell_type": "type_1"}, n_steps=4, seed=0,
-                       progress_bar=False)
+    gen = model.sample(
+        n_samples=20, conditions={"cell_type": "type_1"}, n_steps=4, seed=0, progress_bar=False
+    )
     assert gen.shape == (20, synthetic.n_vars)
     assert sparse.issparse(gen.X) and gen.X.dtype == np.float32
     assert np.array_equal(gen.X.data, np.round(gen.X.data)) and (gen.X.data >= 0).all()
@@ -46,8 +47,13 @@ def test_train_both_stages_and_sample(synthetic, denoiser, likelihood):
 
 def test_history_keeps_both_stages_and_retraining_flow(trained):
     n_vae = len(trained.history["elbo_train"])
-    trained.train(stage="flow", flow_max_epochs=3, accelerator="cpu", early_stopping=False,
-                  enable_progress_bar=False)
+    trained.train(
+        stage="flow",
+        flow_max_epochs=3,
+        accelerator="cpu",
+        early_stopping=False,
+        enable_progress_bar=False,
+    )
     assert len(trained.history["elbo_train"]) == n_vae
     assert len(trained.history["flow_loss_train"]) == 3
     # the module was put back in train mode for the second run, and left in eval mode after
@@ -71,8 +77,10 @@ def test_sample_conditions_forms_and_seed(trained):
     uncond = trained.sample(n_samples=7, seed=1, **kw)
     assert uncond.n_obs == 7 and "cell_type" not in uncond.obs
     assert "batch" in uncond.obs  # decoder batch drawn with the reference cell
-    frame = pd.DataFrame({"cell_type": ["type_0", "type_2", "type_2"],
-                          "batch": ["batch_1", "batch_0", "batch_1"]}, index=["a", "b", "c"])
+    frame = pd.DataFrame(
+        {"cell_type": ["type_0", "type_2", "type_2"], "batch": ["batch_1", "batch_0", "batch_1"]},
+        index=["a", "b", "c"],
+    )
     gen = trained.sample(conditions=frame, seed=2, **kw)
     assert list(gen.obs["cell_type"]) == ["type_0", "type_2", "type_2"]
     assert list(gen.obs["batch"]) == ["batch_1", "batch_0", "batch_1"]
@@ -94,8 +102,9 @@ def test_sample_conditions_forms_and_seed(trained):
 
 def test_library_size_drawn_from_matching_cells(trained):
     adata = trained.adata
-    gen = trained.sample(n_samples=200, conditions={"cell_type": "type_0"}, n_steps=2,
-                         seed=0, progress_bar=False)
+    gen = trained.sample(
+        n_samples=200, conditions={"cell_type": "type_0"}, n_steps=2, seed=0, progress_bar=False
+    )
     lib = gen.layers["latentcell_mean"].sum(1)
     real = np.asarray(adata.layers["counts"].sum(1)).ravel()
     # decoder means sum to the drawn library size, which is a training library size
@@ -106,13 +115,15 @@ def test_flow_conditioning_is_learned():
     adata = lc.datasets.synthetic_counts(n_cells=600, n_genes=40, n_cell_types=3, seed=5)
     LDM.setup_anndata(adata, layer="counts", labels_key="cell_type")
     model = LDM(adata, n_latent=8, n_hidden=64, flow_n_hidden=64, flow_n_layers=2)
-    model.train(max_epochs=60, flow_max_epochs=150, accelerator="cpu", seed=0,
-                enable_progress_bar=False)
+    model.train(
+        max_epochs=60, flow_max_epochs=150, accelerator="cpu", seed=0, enable_progress_bar=False
+    )
     z = model.get_latent_representation(key_added=None)
     labels = adata.obs["cell_type"].to_numpy()
     centroids = {c: z[labels == c].mean(0) for c in np.unique(labels)}
-    gen = model.sample(n_samples=150, conditions={"cell_type": "type_2"}, n_steps=20, seed=0,
-                       progress_bar=False)
+    gen = model.sample(
+        n_samples=150, conditions={"cell_type": "type_2"}, n_steps=20, seed=0, progress_bar=False
+    )
     zg = gen.obsm["X_latentcell"]
     dists = np.stack([np.linalg.norm(zg - centroids[c], axis=1) for c in sorted(centroids)], 1)
     nearest = np.array(sorted(centroids))[dists.argmin(1)]
@@ -128,8 +139,9 @@ def test_save_load_round_trip(trained, tmp_path):
     z0 = trained.get_latent_representation(key_added=None)
     z1 = loaded.get_latent_representation(key_added=None)
     np.testing.assert_array_equal(z0, z1)
-    kw = dict(n_samples=12, conditions={"cell_type": "type_1"}, n_steps=3, seed=4,
-              progress_bar=False)
+    kw = dict(
+        n_samples=12, conditions={"cell_type": "type_1"}, n_steps=3, seed=4, progress_bar=False
+    )
     a, b = trained.sample(**kw), loaded.sample(**kw)
     assert (a.X != b.X).nnz == 0
     np.testing.assert_array_equal(a.obsm["X_latentcell"], b.obsm["X_latentcell"])

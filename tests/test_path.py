@@ -50,8 +50,10 @@ def test_euler_on_time_dependent_field_matches_hand_sum():
 def test_exponential_convergence_order():
     x0 = torch.ones(1, 1)
     exact = math.e
-    err = {m: abs(integrate(lambda x, t: x, x0, n_steps=20, method=m).item() - exact)
-           for m in SAMPLER_METHODS}
+    err = {
+        m: abs(integrate(lambda x, t: x, x0, n_steps=20, method=m).item() - exact)
+        for m in SAMPLER_METHODS
+    }
     assert err["heun"] < err["euler"] / 20
     assert err["midpoint"] < err["euler"] / 20
 

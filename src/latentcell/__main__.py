@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train on real counts, generate every cell type, write AnnData, figure, metrics",
     )
     demo.add_argument("--data", help=".h5ad file of counts (default: scanpy's pbmc68k counts)")
-    demo.add_argument("--layer", help="layer holding counts (default: .X, or 'counts' for the "
-                                      "bundled data)")
+    demo.add_argument(
+        "--layer", help="layer holding counts (default: .X, or 'counts' for the bundled data)"
+    )
     demo.add_argument("--labels-key", help="obs column of cell labels")
     demo.add_argument("--out", default="latentcell_demo", help="output folder")
     demo.add_argument("--max-epochs", type=int, help="maximum epochs of each stage")
@@ -26,8 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from latentcell._demo import run_demo
 
-        run_demo(data=args.data, layer=args.layer, labels_key=args.labels_key, out=args.out,
-                 max_epochs=args.max_epochs, seed=args.seed, progress_bar=not args.no_progress)
+        run_demo(
+            data=args.data,
+            layer=args.layer,
+            labels_key=args.labels_key,
+            out=args.out,
+            max_epochs=args.max_epochs,
+            seed=args.seed,
+            progress_bar=not args.no_progress,
+        )
     return 0
 
 

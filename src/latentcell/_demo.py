@@ -68,37 +68,55 @@ def run_demo(
         adata = ad.read_h5ad(data)
         source = str(data)
     if labels_key is not None and labels_key not in adata.obs:
-        raise SystemExit(f"--labels-key {labels_key!r} is not a column of obs: "
-                         f"{list(adata.obs.columns)}")
+        raise SystemExit(
+            f"--labels-key {labels_key!r} is not a column of obs: {list(adata.obs.columns)}"
+        )
     rng = np.random.default_rng(seed)
     is_test = np.zeros(adata.n_obs, dtype=bool)
     is_test[rng.permutation(adata.n_obs)[: round(test_fraction * adata.n_obs)]] = True
     train, test = adata[~is_test].copy(), adata[is_test].copy()
 
+    import scvi
+
+    scvi.settings.seed = seed  # before the model exists, so its initial weights are seeded too
     LatentDiffusionModel.setup_anndata(train, layer=layer, labels_key=labels_key)
     model = LatentDiffusionModel(train)
-    model.train(max_epochs=max_epochs, flow_max_epochs=max_epochs, seed=seed,
-                enable_progress_bar=progress_bar)
+    model.train(
+        max_epochs=max_epochs,
+        flow_max_epochs=max_epochs,
+        seed=seed,
+        enable_progress_bar=progress_bar,
+    )
     train_time = time.time() - start
 
     conditions = test.obs[[labels_key]] if labels_key else None
     n = None if labels_key else test.n_obs
-    generated = model.sample(n_samples=n, conditions=conditions, seed=seed,
-                             progress_bar=progress_bar)
-    prior = model.sample(n_samples=n, conditions=conditions, seed=seed,
-                         latent_prior="normal", progress_bar=False)
+    generated = model.sample(
+        n_samples=n, conditions=conditions, seed=seed, progress_bar=progress_bar
+    )
+    prior = model.sample(
+        n_samples=n, conditions=conditions, seed=seed, latent_prior="normal", progress_bar=False
+    )
 
-    space = metrics.fit_eval_space(test, n_comps=min(30, test.n_obs - 1), layer=layer,
-                                   n_top_genes=2000 if adata.n_vars > 2000 else None,
-                                   seed=seed)
-    test_counts = ad.AnnData(test.layers[layer] if layer else test.X, obs=test.obs,
-                             var=test.var)
-    train_counts = ad.AnnData(train.layers[layer] if layer else train.X, obs=train.obs,
-                              var=train.var)
+    space = metrics.fit_eval_space(
+        test,
+        n_comps=min(30, test.n_obs - 1),
+        layer=layer,
+        n_top_genes=2000 if adata.n_vars > 2000 else None,
+        seed=seed,
+    )
+    test_counts = ad.AnnData(test.layers[layer] if layer else test.X, obs=test.obs, var=test.var)
+    train_counts = ad.AnnData(
+        train.layers[layer] if layer else train.X, obs=train.obs, var=train.var
+    )
 
     def score(cells):
         return metrics.evaluate_generation(
-            test_counts, cells, labels_key=labels_key, space=space, seed=seed,
+            test_counts,
+            cells,
+            labels_key=labels_key,
+            space=space,
+            seed=seed,
             reference=train_counts,
         )
 
@@ -116,8 +134,9 @@ def run_demo(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     generated.write_h5ad(out_dir / "generated.h5ad")
-    fig = pl.real_vs_generated_umap(test_counts, generated, color=labels_key, seed=seed,
-                                    return_fig=True)
+    fig = pl.real_vs_generated_umap(
+        test_counts, generated, color=labels_key, seed=seed, return_fig=True
+    )
     fig.savefig(out_dir / "umap.png", dpi=120)
     result["total_seconds"] = round(time.time() - start, 1)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
@@ -126,15 +145,18 @@ def run_demo(
 
 
 def _print_summary(result: dict, out_dir: Path) -> None:
-    rows = [("latentcell", result["latentcell"]),
-            ("real train vs held-out (floor)", result["floor_real_train_vs_test"]),
-            ("VAE normal prior (no flow)", result["vae_normal_prior"])]
-    print(f"\nlatentcell demo on {result['data']}: trained on {result['n_train']} cells, "
-          f"evaluated on {result['n_test']} held-out cells ({result['total_seconds']} s)")
+    rows = [
+        ("latentcell", result["latentcell"]),
+        ("real train vs held-out (floor)", result["floor_real_train_vs_test"]),
+        ("VAE normal prior (no flow)", result["vae_normal_prior"]),
+    ]
+    print(
+        f"\nlatentcell demo on {result['data']}: trained on {result['n_train']} cells, "
+        f"evaluated on {result['n_test']} held-out cells ({result['total_seconds']} s)"
+    )
     print(f"{'':34s}{'energy':>8s}{'MMD':>8s}{'kNN acc':>9s}{'label acc':>11s}")
     for name, r in rows:
         label = r.get("label_accuracy", float("nan"))
         print(f"{name:34s}{r['energy']:8.3f}{r['mmd']:8.3f}{r['knn_accuracy']:9.3f}{label:11.3f}")
     print("(kNN accuracy 0.5 = indistinguishable from real; lower energy/MMD is better)")
-    print(f"wrote {out_dir / 'generated.h5ad'}, {out_dir / 'umap.png'}, "
-          f"{out_dir / 'metrics.json'}")
+    print(f"wrote {out_dir / 'generated.h5ad'}, {out_dir / 'umap.png'}, {out_dir / 'metrics.json'}")

@@ -82,7 +82,10 @@ class LatentDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled minibatches of training cells."""
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=_identity,
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=_identity,
             drop_last=self.n_train > self.batch_size,
         )
 
@@ -90,5 +93,4 @@ class LatentDataModule(pl.LightningDataModule):
         """Return the validation cells with their fixed noise and times."""
         if self.n_val == 0:
             return []
-        return DataLoader(self.val_set, batch_size=max(self.batch_size, 1024),
-                          collate_fn=_identity)
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 1024), collate_fn=_identity)

@@ -151,8 +151,9 @@ class LatentDiffusionModel(BaseModelClass):
 
         cat_state = self._field_state(_CAT_COVS)
         n_cats_per_cov = list(cat_state.get("n_cats_per_key", [])) if cat_state else []
-        n_cont = len(self._field_state(_CONT_COVS).get("columns", [])) if self._has(_CONT_COVS) \
-            else 0
+        n_cont = (
+            len(self._field_state(_CONT_COVS).get("columns", [])) if self._has(_CONT_COVS) else 0
+        )
         vae = VAE(
             n_input=int(self.summary_stats.n_vars),
             n_batch=int(self.summary_stats.n_batch),
@@ -270,8 +271,10 @@ class LatentDiffusionModel(BaseModelClass):
         """
         args = self.registry_["setup_args"]
         categorical = []
-        for key, reg_key in ((args.get("labels_key"), REGISTRY_KEYS.LABELS_KEY),
-                             (args.get("batch_key"), REGISTRY_KEYS.BATCH_KEY)):
+        for key, reg_key in (
+            (args.get("labels_key"), REGISTRY_KEYS.LABELS_KEY),
+            (args.get("batch_key"), REGISTRY_KEYS.BATCH_KEY),
+        ):
             if key is not None:
                 cats = np.asarray(self._field_state(reg_key)["categorical_mapping"])
                 categorical.append({"name": key, "source": reg_key, "categories": cats})
@@ -405,7 +408,9 @@ class LatentDiffusionModel(BaseModelClass):
             Keyword arguments of the stages' training plans.
         seed
             Seed for scvi-tools (``scvi.settings.seed``) before training; ``None`` leaves the
-            global seed as it is.
+            global seed as it is. Initial weights are drawn when the model is built: set
+            ``scvi.settings.seed`` before ``LatentDiffusionModel(...)`` for runs that are
+            identical end to end.
         **trainer_kwargs
             Further keyword arguments of :class:`scvi.train.Trainer` (Lightning).
         """
@@ -417,23 +422,46 @@ class LatentDiffusionModel(BaseModelClass):
             settings.seed = seed
         if stage in (None, "vae"):
             self._train_vae(
-                max_epochs, accelerator, devices, train_size, validation_size, batch_size,
-                early_stopping, early_stopping_patience, n_epochs_kl_warmup, lr,
-                datasplitter_kwargs or {}, plan_kwargs or {}, dict(trainer_kwargs),
+                max_epochs,
+                accelerator,
+                devices,
+                train_size,
+                validation_size,
+                batch_size,
+                early_stopping,
+                early_stopping_patience,
+                n_epochs_kl_warmup,
+                lr,
+                datasplitter_kwargs or {},
+                plan_kwargs or {},
+                dict(trainer_kwargs),
             )
         if stage in (None, "flow"):
             self._train_flow(
-                flow_max_epochs, accelerator, devices, train_size, validation_size,
-                flow_batch_size, early_stopping, early_stopping_patience, flow_lr,
-                flow_plan_kwargs or {}, dict(trainer_kwargs),
+                flow_max_epochs,
+                accelerator,
+                devices,
+                train_size,
+                validation_size,
+                flow_batch_size,
+                early_stopping,
+                early_stopping_patience,
+                flow_lr,
+                flow_plan_kwargs or {},
+                dict(trainer_kwargs),
             )
 
     def _run(self, stage: str, plan, data, max_epochs: int, accelerator, devices, **kwargs):
         """Run scvi-tools' TrainRunner for one stage and keep that stage's history apart."""
         self.history_, self.is_trained_ = None, False
         runner = TrainRunner(
-            self, training_plan=plan, data_splitter=data, max_epochs=max_epochs,
-            accelerator=accelerator, devices=devices, **kwargs,
+            self,
+            training_plan=plan,
+            data_splitter=data,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **kwargs,
         )
         runner()
         self.stage_history_[stage] = dict(self.history_ or {})
@@ -442,8 +470,19 @@ class LatentDiffusionModel(BaseModelClass):
         self.module.eval()
 
     def _train_vae(
-        self, max_epochs, accelerator, devices, train_size, validation_size, batch_size,
-        early_stopping, patience, n_epochs_kl_warmup, lr, splitter_kwargs, plan_kwargs,
+        self,
+        max_epochs,
+        accelerator,
+        devices,
+        train_size,
+        validation_size,
+        batch_size,
+        early_stopping,
+        patience,
+        n_epochs_kl_warmup,
+        lr,
+        splitter_kwargs,
+        plan_kwargs,
         trainer_kwargs,
     ) -> None:
         n_obs = self.adata.n_obs
@@ -451,8 +490,11 @@ class LatentDiffusionModel(BaseModelClass):
         if n_epochs_kl_warmup is None:
             n_epochs_kl_warmup = max(1, min(50, max_epochs // 4))
         splitter = DataSplitter(
-            self.adata_manager, train_size=train_size, validation_size=validation_size,
-            batch_size=batch_size, **splitter_kwargs,
+            self.adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            **splitter_kwargs,
         )
         splitter.setup()
         if early_stopping and splitter.n_val == 0:
@@ -496,8 +538,18 @@ class LatentDiffusionModel(BaseModelClass):
         return torch.cat(out).numpy()
 
     def _train_flow(
-        self, max_epochs, accelerator, devices, train_size, validation_size, batch_size,
-        early_stopping, patience, lr, plan_kwargs, trainer_kwargs,
+        self,
+        max_epochs,
+        accelerator,
+        devices,
+        train_size,
+        validation_size,
+        batch_size,
+        early_stopping,
+        patience,
+        lr,
+        plan_kwargs,
+        trainer_kwargs,
     ) -> None:
         self._check_stage("vae", "train the flow")
         adata = self.adata
@@ -514,10 +566,16 @@ class LatentDiffusionModel(BaseModelClass):
         batch_size = batch_size or (1024 if adata.n_obs >= _LARGE else 128)
         train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
         data = LatentDataModule(
-            {FLOW_KEYS.LATENT: z, FLOW_KEYS.COND_CAT: torch.as_tensor(cat),
-             FLOW_KEYS.COND_CONT: torch.as_tensor(cont)},
-            train_idx=train_idx, val_idx=val_idx, batch_size=batch_size,
-            n_attributes=flow.condition.n_attributes, seed=settings.seed or 0,
+            {
+                FLOW_KEYS.LATENT: z,
+                FLOW_KEYS.COND_CAT: torch.as_tensor(cat),
+                FLOW_KEYS.COND_CONT: torch.as_tensor(cont),
+            },
+            train_idx=train_idx,
+            val_idx=val_idx,
+            batch_size=batch_size,
+            n_attributes=flow.condition.n_attributes,
+            seed=settings.seed or 0,
         )
         steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
         target_steps = max(4000, adata.n_obs // 50)
@@ -547,8 +605,10 @@ class LatentDiffusionModel(BaseModelClass):
     def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):
         """Reuse the VAE's train/validation split, so neither stage sees validation cells."""
         train_idx, val_idx = self.train_indices, self.validation_indices
-        if train_idx is not None and val_idx is not None and (
-            len(train_idx) + len(val_idx) <= n_obs
+        if (
+            train_idx is not None
+            and val_idx is not None
+            and (len(train_idx) + len(val_idx) <= n_obs)
         ):
             return np.asarray(train_idx), np.asarray(val_idx)
         rng = np.random.default_rng(settings.seed)
@@ -675,8 +735,11 @@ class LatentDiffusionModel(BaseModelClass):
         if not specified:
             return rng.integers(0, n_ref, size=len(frame))
         code_cols = np.stack(
-            [pd.Categorical(frame[a["name"]], categories=a["categories"]).codes
-             for _, a in specified], axis=1,
+            [
+                pd.Categorical(frame[a["name"]], categories=a["categories"]).codes
+                for _, a in specified
+            ],
+            axis=1,
         )
         groups = pd.DataFrame(code_cols).groupby(list(range(code_cols.shape[1]))).indices
         for key, members in groups.items():
@@ -692,7 +755,8 @@ class LatentDiffusionModel(BaseModelClass):
                 warnings.warn(
                     f"No training cell has the combination {combo}; drawing library sizes "
                     f"from cells matching {specified[0][1]['name']!r} only.",
-                    UserWarning, stacklevel=3,
+                    UserWarning,
+                    stacklevel=3,
                 )
             rows[members] = rng.choice(candidates, size=len(members), replace=True)
         return rows
@@ -764,15 +828,32 @@ class LatentDiffusionModel(BaseModelClass):
         attrs = self._condition_attributes()
 
         # Flow conditions: requested values, null tokens (or NaN) otherwise.
-        flow_cat = np.stack(
-            [pd.Categorical(frame[a["name"]], categories=a["categories"]).codes.astype(np.int64)
-             if a["name"] in frame else np.full(n, len(a["categories"]), dtype=np.int64)
-             for a in attrs["categorical"]], axis=1,
-        ) if attrs["categorical"] else np.zeros((n, 0), dtype=np.int64)
-        flow_cont = np.stack(
-            [frame[c].to_numpy(np.float32) if c in frame else np.full(n, np.nan, np.float32)
-             for c in attrs["continuous"]], axis=1,
-        ) if attrs["continuous"] else np.zeros((n, 0), dtype=np.float32)
+        flow_cat = (
+            np.stack(
+                [
+                    pd.Categorical(frame[a["name"]], categories=a["categories"]).codes.astype(
+                        np.int64
+                    )
+                    if a["name"] in frame
+                    else np.full(n, len(a["categories"]), dtype=np.int64)
+                    for a in attrs["categorical"]
+                ],
+                axis=1,
+            )
+            if attrs["categorical"]
+            else np.zeros((n, 0), dtype=np.int64)
+        )
+        flow_cont = (
+            np.stack(
+                [
+                    frame[c].to_numpy(np.float32) if c in frame else np.full(n, np.nan, np.float32)
+                    for c in attrs["continuous"]
+                ],
+                axis=1,
+            )
+            if attrs["continuous"]
+            else np.zeros((n, 0), dtype=np.float32)
+        )
         # Decoder covariates: requested values override the reference cell's.
         for i, a in enumerate(attrs["categorical"]):
             if a["name"] not in frame:
@@ -805,8 +886,12 @@ class LatentDiffusionModel(BaseModelClass):
                 noise = torch.randn(sl.stop - sl.start, self.module.flow.n_latent, generator=gen)
                 if latent_prior == "flow":
                     z = self.module.flow.sample(
-                        torch.as_tensor(flow_cat[sl]), torch.as_tensor(flow_cont[sl]),
-                        n_steps=n_steps, method=method, cfg_scale=cfg_scale, noise=noise,
+                        torch.as_tensor(flow_cat[sl]),
+                        torch.as_tensor(flow_cont[sl]),
+                        n_steps=n_steps,
+                        method=method,
+                        cfg_scale=cfg_scale,
+                        noise=noise,
                         callback=lambda _: bar.update(1),
                     )
                 else:
@@ -817,19 +902,31 @@ class LatentDiffusionModel(BaseModelClass):
                 means.append(px.mean.cpu().numpy().astype(np.float32))
                 latents.append(z.cpu().numpy())
         return self._generated_anndata(
-            sparse.vstack(counts).tocsr(), np.concatenate(means), np.concatenate(latents),
-            frame, ref, dict(n_steps=n_steps, method=method, cfg_scale=cfg_scale, seed=seed,
-                             latent_prior=latent_prior, requested=list(frame.columns)),
+            sparse.vstack(counts).tocsr(),
+            np.concatenate(means),
+            np.concatenate(latents),
+            frame,
+            ref,
+            dict(
+                n_steps=n_steps,
+                method=method,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                latent_prior=latent_prior,
+                requested=list(frame.columns),
+            ),
         )
 
     def _decode(self, z: torch.Tensor, ref: dict[str, np.ndarray]):
         """Return the decoder likelihood at ``z`` for given library sizes and covariates."""
         device = z.device
         vae = self.module.vae
-        cat_covs = torch.as_tensor(ref["cat_covs"], device=device) if ref["cat_covs"].shape[1] \
-            else None
-        cont_covs = torch.as_tensor(ref["cont_covs"], device=device) if ref["cont_covs"].shape[1] \
-            else None
+        cat_covs = (
+            torch.as_tensor(ref["cat_covs"], device=device) if ref["cat_covs"].shape[1] else None
+        )
+        cont_covs = (
+            torch.as_tensor(ref["cont_covs"], device=device) if ref["cont_covs"].shape[1] else None
+        )
         out = vae.generative(
             z=z,
             library=torch.as_tensor(ref["log_library"], device=device)[:, None],
@@ -849,15 +946,17 @@ class LatentDiffusionModel(BaseModelClass):
             if name in frame:
                 obs[name] = pd.Categorical(frame[name].to_numpy(), categories=cats)
             elif a["source"] == REGISTRY_KEYS.BATCH_KEY:
-                obs[name] = pd.Categorical.from_codes(ref["batch"], categories=batch_state[
-                    "categorical_mapping"])
+                obs[name] = pd.Categorical.from_codes(
+                    ref["batch"], categories=batch_state["categorical_mapping"]
+                )
             elif a["source"] == _CAT_COVS:
                 codes = ref["cat_covs"][:, a["column"]]
                 obs[name] = pd.Categorical.from_codes(codes, categories=cats)
         for j, c in enumerate(attrs["continuous"]):
             obs[c] = ref["cont_covs"][:, j]
         var = (
-            self.adata.var.copy() if self.adata is not None
+            self.adata.var.copy()
+            if self.adata is not None
             else pd.DataFrame(index=pd.Index(self.var_names_))
         )
         out = AnnData(X=counts, obs=obs, var=var)
@@ -867,8 +966,13 @@ class LatentDiffusionModel(BaseModelClass):
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False,
-             **anndata_write_kwargs) -> None:
+    def save(
+        self,
+        dir_path: str | Path,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
         """Save the model: weights as tensors, everything else as JSON.
 
         Parameters
@@ -964,7 +1068,9 @@ class LatentDiffusionModel(BaseModelClass):
             value = metadata.get(name)
             setattr(model, name, None if value is None else np.asarray(value))
         _, _, torch_device = parse_device_args(
-            accelerator=accelerator, devices=device, return_device="torch",
+            accelerator=accelerator,
+            devices=device,
+            return_device="torch",
             validate_single_device=True,
         )
         model.to_device(torch_device)

@@ -16,14 +16,26 @@ class FlowTrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """One optimisation step on a batch of latents."""
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self.log("flow_loss_train", loss_output.loss, on_step=False, on_epoch=True,
-                 prog_bar=True, batch_size=loss_output.n_obs_minibatch,
-                 sync_dist=self.use_sync_dist)
+        self.log(
+            "flow_loss_train",
+            loss_output.loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=loss_output.n_obs_minibatch,
+            sync_dist=self.use_sync_dist,
+        )
         return loss_output.loss
 
     def validation_step(self, batch, batch_idx):
         """Loss on validation latents with fixed noise and times."""
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self.log("flow_loss_validation", loss_output.loss, on_step=False, on_epoch=True,
-                 prog_bar=True, batch_size=loss_output.n_obs_minibatch,
-                 sync_dist=self.use_sync_dist)
+        self.log(
+            "flow_loss_validation",
+            loss_output.loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=loss_output.n_obs_minibatch,
+            sync_dist=self.use_sync_dist,
+        )

@@ -78,9 +78,7 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         )
 
 
-def check_obs_columns(
-    adata: AnnData, categorical: list[str], continuous: list[str]
-) -> None:
+def check_obs_columns(adata: AnnData, categorical: list[str], continuous: list[str]) -> None:
     """Check that registered obs columns exist and hold no missing values."""
     for key in [*categorical, *continuous]:
         if key not in adata.obs:

@@ -63,12 +63,17 @@ class LatentFlow(BaseModuleClass):
         self.condition = ConditionEmbedding(n_cats_per_attr, n_continuous, n_hidden)
         if denoiser == "dit":
             self.denoiser = DiTDenoiser(
-                n_latent, n_hidden=n_hidden, n_layers=n_layers, n_heads=n_heads,
-                token_dim=token_dim, dropout=dropout,
+                n_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                n_heads=n_heads,
+                token_dim=token_dim,
+                dropout=dropout,
             )
         elif denoiser == "mlp":
-            self.denoiser = MLPDenoiser(n_latent, n_hidden=n_hidden, n_layers=n_layers,
-                                        dropout=dropout)
+            self.denoiser = MLPDenoiser(
+                n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout
+            )
         else:
             raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
         self.register_buffer("latent_mean", torch.zeros(n_latent))
@@ -159,8 +164,12 @@ class LatentFlow(BaseModuleClass):
         )
         per_cell = ((v - target_velocity(x0, x1)) ** 2).mean(-1)
         loss = per_cell.mean()
-        return LossOutput(loss=loss, reconstruction_loss=per_cell, n_obs_minibatch=n,
-                          extra_metrics={"flow_loss": loss.detach()})
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=per_cell,
+            n_obs_minibatch=n,
+            extra_metrics={"flow_loss": loss.detach()},
+        )
 
     @torch.inference_mode()
     def sample(
@@ -208,8 +217,10 @@ class LatentFlow(BaseModuleClass):
             if not guided:
                 return self.velocity(x, t, cat, cont)
             both = self.velocity(
-                torch.cat([x, x]), torch.cat([t, t]),
-                torch.cat([cat, null_cat]), torch.cat([cont, null_cont]),
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                torch.cat([cat, null_cat]),
+                torch.cat([cont, null_cont]),
             )
             v_cond, v_null = both.chunk(2)
             return v_null + cfg_scale * (v_cond - v_null)

@@ -62,7 +62,9 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
         n_mlp = int(n_hidden * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(n_hidden, n_mlp), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+            nn.Linear(n_hidden, n_mlp),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(dropout),
             nn.Linear(n_mlp, n_hidden),
         )
         self.ada = AdaLNZero(n_hidden, 6)
@@ -71,7 +73,9 @@ class DiTBlock(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).unbind(2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
@@ -167,7 +171,9 @@ class _ResBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(n_hidden, n_hidden * 2), nn.SiLU(), nn.Dropout(dropout),
+            nn.Linear(n_hidden, n_hidden * 2),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             nn.Linear(n_hidden * 2, n_hidden),
         )
         self.ada = AdaLNZero(n_hidden, 3)

@@ -51,13 +51,19 @@ def real_vs_generated_umap(
     import scanpy as sc
 
     n_top = n_top_genes if n_top_genes and n_top_genes < real.n_vars else None
-    space = fit_eval_space(real, n_comps=min(n_comps, real.n_obs - 1, real.n_vars - 1),
-                           n_top_genes=n_top, layer=layer, seed=seed)
+    space = fit_eval_space(
+        real,
+        n_comps=min(n_comps, real.n_obs - 1, real.n_vars - 1),
+        n_top_genes=n_top,
+        layer=layer,
+        seed=seed,
+    )
     coords = np.vstack([space.transform(real, layer=layer), space.transform(generated)])
     origin = np.array(["real"] * real.n_obs + ["generated"] * generated.n_obs)
-    obs = pd.DataFrame({"origin": pd.Categorical(origin, categories=["real", "generated"])},
-                       index=[f"r{i}" for i in range(real.n_obs)]
-                       + [f"g{i}" for i in range(generated.n_obs)])
+    obs = pd.DataFrame(
+        {"origin": pd.Categorical(origin, categories=["real", "generated"])},
+        index=[f"r{i}" for i in range(real.n_obs)] + [f"g{i}" for i in range(generated.n_obs)],
+    )
     if color is not None:
         for name, a in (("real", real), ("generated", generated)):
             if color not in a.obs:
@@ -76,8 +82,15 @@ def real_vs_generated_umap(
         fig = np.ravel(ax)[0].figure
     panels = [color, "origin"] if color is not None else ["origin"]
     for axis, key in zip(np.ravel(ax), panels, strict=False):
-        sc.pl.embedding(joint, basis="umap", color=key, ax=axis, show=False, frameon=False,
-                        title=f"real and generated cells: {key}")
+        sc.pl.embedding(
+            joint,
+            basis="umap",
+            color=key,
+            ax=axis,
+            show=False,
+            frameon=False,
+            title=f"real and generated cells: {key}",
+        )
     fig.tight_layout()
     fig.latentcell_embedding = joint
     return fig if return_fig else None
