@@ -47,7 +47,7 @@ class LatentFlow(BaseModuleClass):
         n_latent: int,
         n_cats_per_attr: list[int],
         n_continuous: int = 0,
-        denoiser: Literal["dit", "mlp"] = "dit",
+        denoiser: Literal["dit", "mlp"] = "mlp",
         n_hidden: int = 128,
         n_layers: int = 4,
         n_heads: int = 4,
