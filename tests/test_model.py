@@ -284,3 +284,11 @@ def test_retraining_vae_resets_flow(synthetic):
         model.sample(n_samples=2)
     model.train(stage="flow", flow_max_epochs=2, accelerator="cpu", enable_progress_bar=False)
     assert model.sample(n_samples=2, n_steps=2, progress_bar=False).n_obs == 2
+
+
+def test_vae_prior_sampling_after_vae_stage_only(synthetic):
+    LDM.setup_anndata(synthetic, layer="counts", labels_key="cell_type")
+    model = LDM(synthetic, **FAST_MODEL)
+    model.train(stage="vae", max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    gen = model.sample(n_samples=4, latent_prior="normal", seed=0, progress_bar=False)
+    assert gen.n_obs == 4 and gen.uns["latentcell"]["latent_prior"] == "normal"

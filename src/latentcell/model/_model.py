@@ -521,10 +521,11 @@ class LatentDiffusionModel(BaseModelClass):
             # the old flow was fit to the old latent space: start it afresh
             device = self.module.device
             self.module.flow = LatentFlow(**self._flow_kwargs).to(device)
-            self.reference_ = {}
         self.trained_stages_ = []
         self.stage_history_ = {}
         self._run("vae", plan, splitter, max_epochs, accelerator, devices, **trainer_kwargs)
+        # library sizes and covariates of the training cells, drawn from when sampling
+        self.reference_ = {k: np.asarray(v) for k, v in self._registered_codes(self.adata).items()}
         self.trained_stages_ = ["vae"]
 
     @torch.inference_mode()
@@ -601,7 +602,6 @@ class LatentDiffusionModel(BaseModelClass):
         plan = FlowTrainingPlan(flow, lr=lr, **plan_kwargs)
         flow.train()
         self._run("flow", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
-        self.reference_ = {k: np.asarray(v) for k, v in codes.items()}
         self.trained_stages_ = ["vae", "flow"]
 
     def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):
