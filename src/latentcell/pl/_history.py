@@ -1,0 +1,51 @@
+"""Training curves of both stages."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+_PANELS = (
+    ("VAE (stage 1)", "elbo_train", "elbo_validation", "negative ELBO"),
+    ("flow (stage 2)", "flow_loss_train", "flow_loss_validation", "flow-matching loss"),
+)
+
+
+def training_history(model, ax=None, return_fig: bool = False):
+    """Plot the training and validation curves of both stages of a model.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~latentcell.LatentDiffusionModel` (anything with a ``history``
+        dict of per-epoch DataFrames works).
+    ax
+        Two matplotlib axes to draw into; ``None`` creates a figure.
+    return_fig
+        Return the figure instead of ``None``.
+
+    Returns
+    -------
+    The figure if ``return_fig``.
+    """
+    history = model.history
+    if not history:
+        raise ValueError("The model has no training history yet; call model.train() first.")
+    if ax is None:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    else:
+        fig = np.ravel(ax)[0].figure
+    for axis, (title, train_key, val_key, ylabel) in zip(np.ravel(ax), _PANELS, strict=False):
+        for key, style in ((train_key, "-"), (val_key, "--")):
+            if key in history:
+                frame = history[key]
+                axis.plot(frame.index, frame.iloc[:, 0], style, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(ylabel)
+        if axis.lines:
+            axis.legend(frameon=False)
+        else:
+            axis.text(0.5, 0.5, "not trained", ha="center", va="center", transform=axis.transAxes)
+    fig.tight_layout()
+    return fig if return_fig else None
