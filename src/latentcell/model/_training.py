@@ -13,11 +13,10 @@ class FlowTrainingPlan(TrainingPlan):
     schedule and device handling are scvi-tools'.
     """
 
-    def training_step(self, batch, batch_idx):
-        """One optimisation step on a batch of latents."""
+    def _step(self, batch, name: str):
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         self.log(
-            "flow_loss_train",
+            name,
             loss_output.loss,
             on_step=False,
             on_epoch=True,
@@ -27,15 +26,10 @@ class FlowTrainingPlan(TrainingPlan):
         )
         return loss_output.loss
 
+    def training_step(self, batch, batch_idx):
+        """Run one optimisation step on a batch of latents."""
+        return self._step(batch, "flow_loss_train")
+
     def validation_step(self, batch, batch_idx):
-        """Loss on validation latents with fixed noise and times."""
-        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self.log(
-            "flow_loss_validation",
-            loss_output.loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=loss_output.n_obs_minibatch,
-            sync_dist=self.use_sync_dist,
-        )
+        """Compute the loss on validation latents with fixed noise and times."""
+        self._step(batch, "flow_loss_validation")
