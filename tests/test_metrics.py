@@ -373,6 +373,12 @@ def test_evaluate_generation_keys_and_null():
         "knn_accuracy",
         "knn_auc",
         "label_accuracy",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "gene_mean_pearson",
+        "gene_var_pearson",
         "n_real",
         "n_generated",
         "space",
@@ -387,7 +393,11 @@ def test_evaluate_generation_keys_and_null():
     }
     assert res["label_accuracy"] > 0.95
     null = real_vs_real_null(real, n_repeats=5, n_comps=10)
-    assert set(null) == {"energy_mean", "energy_std", "mmd_mean", "mmd_std", "n_repeats"}
+    assert set(null) == {"n_repeats"} | {
+        f"{m}_{s}"
+        for m in ("energy", "mmd", "knn_accuracy", "precision", "recall", "density", "coverage")
+        for s in ("mean", "std")
+    }
     assert null == real_vs_real_null(real, n_repeats=5, n_comps=10)
     assert res["energy"] < null["energy_mean"] + 3 * null["energy_std"]
     assert res["mmd"] < null["mmd_mean"] + 3 * null["mmd_std"]
