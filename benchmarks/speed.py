@@ -5,7 +5,8 @@ Same data for every row: synthetic counts (``--n-cells`` x ``--n-genes``). Rows:
   stage 1 is scvi-tools' VAE, so the ratio should be about 1);
 - flow stage: seconds per epoch of the DiT and of the MLP denoiser, against the VAE epoch;
 - sampling: generated cells per second with the flow (midpoint, 50 steps = 100 network
-  evaluations) vs decoding alone from the VAE's normal prior (the no-flow baseline);
+  evaluations, and Euler with 1, 2, 4, 8, 16 and 50 steps for the default MLP denoiser) vs
+  decoding alone from the VAE's normal prior (the no-flow baseline);
 - peak GPU memory of each phase (``torch.cuda.max_memory_allocated``) on a GPU.
 
 Usage: ``python benchmarks/speed.py [--accelerator gpu] [--n-cells 20000]``. Prints a
@@ -110,6 +111,20 @@ def main(argv=None):
             rows[f"sample {n} cells, VAE prior (baseline)"] = dict(
                 seconds=sec, cells_per_s=n / sec, peak_mib=mem
             )
+        else:  # the default denoiser: throughput against the number of Euler steps
+            for steps in (1, 2, 4, 8, 16, 50):
+                sec, mem = timed(
+                    lambda m=model, n=n, s=steps: m.sample(
+                        n_samples=n,
+                        n_steps=s,
+                        method="euler",
+                        progress_bar=False,
+                        batch_size=4096,
+                    )
+                )
+                rows[f"sample {n} cells, flow (mlp, euler {steps} steps)"] = dict(
+                    seconds=sec, cells_per_s=n / sec, peak_mib=mem
+                )
 
     base_epoch = rows["scVI epoch (baseline)"]["seconds"]
     base_sample = rows[f"sample {args.n_sample} cells, VAE prior (baseline)"]["seconds"]
