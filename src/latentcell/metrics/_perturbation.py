@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.metrics import r2_score
 
+from latentcell.metrics._classifiers import _check_k
 from latentcell.metrics._distances import energy_distance
 from latentcell.metrics._space import _get_counts, fit_eval_space, log1p_cp10k
 
@@ -316,11 +317,6 @@ def score_perturbation(
         "n_true": int(true.n_obs),
         "k": int(k),
     }
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}.")
 
 
 def _check_cells(adata: AnnData, name: str) -> None:
