@@ -1,31 +1,42 @@
-"""In-memory data for the flow stage: precomputed latents and condition codes."""
+"""In-memory data modules: registered counts for the VAE stage, latents for the flow stage."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
 from latentcell._constants import FLOW_KEYS
 
 
 class _TensorDict(Dataset):
-    """Rows of a dict of equally long tensors; batches are gathered in one indexing call."""
+    """Rows of a dict of equally long arrays; batches are gathered in one indexing call.
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    Values are torch tensors, or scipy CSR matrices whose gathered rows are densified per
+    batch (so a large sparse count matrix is never held dense).
+    """
+
+    def __init__(self, tensors: dict):
         self.tensors = tensors
-        self.n = len(next(iter(tensors.values())))
+        self.n = next(iter(tensors.values())).shape[0]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, idx):
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return self.__getitems__([idx])
 
     def __getitems__(self, indices: list[int]):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {k: v[idx] for k, v in self.tensors.items()}
+        idx = np.asarray(indices, dtype=np.int64)
+        out = {}
+        for k, v in self.tensors.items():
+            if sparse.issparse(v):
+                out[k] = torch.from_numpy(v[idx].toarray())
+            else:
+                out[k] = v[torch.from_numpy(idx)]
+        return out
 
 
 def _identity(batch):
@@ -94,3 +105,113 @@ class LatentDataModule(pl.LightningDataModule):
         if self.n_val == 0:
             return []
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 1024), collate_fn=_identity)
+
+
+class CountsDataModule(pl.LightningDataModule):
+    """Train/validation loaders over registered counts held in memory.
+
+    A lighter data path than scvi-tools' ``AnnDataLoader`` for AnnData that fit in memory:
+    the registered fields are read once from the :class:`~scvi.data.AnnDataManager` into
+    tensors (counts as float32, dense when smaller than ``dense_limit_bytes``, otherwise a
+    CSR matrix densified one minibatch at a time), and each minibatch is one indexing call.
+    Batches carry the same keys and dtypes as scvi-tools' loaders, so scvi-tools' modules
+    and training plans consume them unchanged.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    train_idx, val_idx
+        Cells of each split (e.g. from :class:`scvi.dataloaders.DataSplitter`).
+    batch_size
+        Minibatch size.
+    dense_limit_bytes
+        Largest count matrix stored dense.
+    """
+
+    def __init__(
+        self,
+        adata_manager,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        batch_size: int = 128,
+        dense_limit_bytes: int = 2**30,
+    ):
+        super().__init__()
+        self.train_idx = np.asarray(train_idx)
+        self.val_idx = np.asarray(val_idx)
+        self.test_idx = np.zeros(0, dtype=np.int64)
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        self.batch_size = batch_size
+        tensors = registered_tensors(adata_manager, dense_limit_bytes)
+        self.train_set = _TensorDict(_rows(tensors, self.train_idx))
+        self.val_set = _TensorDict(_rows(tensors, self.val_idx))
+
+    def train_dataloader(self) -> DataLoader:
+        """Return shuffled minibatches of training cells.
+
+        A last batch of fewer than 3 cells is dropped, as scvi-tools does, so batch
+        normalisation never sees a single cell.
+        """
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=_identity,
+            drop_last=self.n_train % self.batch_size < 3 and self.n_train > self.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Return the validation cells in order."""
+        if self.n_val == 0:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=_identity)
+
+
+def registered_tensors(adata_manager, dense_limit_bytes: int = 2**30) -> dict:
+    """Every registered field of an AnnData as a tensor (counts possibly as CSR).
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    dense_limit_bytes
+        Largest count matrix converted to a dense tensor.
+
+    Returns
+    -------
+    ``{registry key: tensor or scipy CSR matrix}`` with one row per cell; categorical
+    fields are int64 columns, everything else float32, as in scvi-tools' loaders.
+    """
+    import pandas as pd
+    from scvi import REGISTRY_KEYS
+
+    out = {}
+    for key in adata_manager.data_registry:
+        values = adata_manager.get_from_registry(key)
+        if key == REGISTRY_KEYS.X_KEY:
+            if sparse.issparse(values):
+                values = sparse.csr_matrix(values, dtype=np.float32)
+                if values.shape[0] * values.shape[1] * 4 <= dense_limit_bytes:
+                    values = torch.from_numpy(values.toarray())
+            else:
+                values = torch.from_numpy(np.asarray(values, dtype=np.float32))
+            out[key] = values
+            continue
+        values = values.to_numpy() if isinstance(values, pd.DataFrame) else np.asarray(values)
+        values = values.reshape(values.shape[0], -1)
+        is_categorical = key in (
+            REGISTRY_KEYS.BATCH_KEY,
+            REGISTRY_KEYS.LABELS_KEY,
+            REGISTRY_KEYS.CAT_COVS_KEY,
+        )
+        dtype = np.int64 if is_categorical else np.float32
+        out[key] = torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
+    return out
+
+
+def _rows(tensors: dict, idx: np.ndarray) -> dict:
+    return {
+        k: v[idx] if sparse.issparse(v) else v[torch.as_tensor(idx, dtype=torch.long)]
+        for k, v in tensors.items()
+    }

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from latentcell._constants import FLOW_KEYS, LATENT_KEY, MEAN_LAYER
 from latentcell.model import _io
-from latentcell.model._data import LatentDataModule
+from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._training import FlowTrainingPlan
 from latentcell.model._validation import (
     check_counts,
@@ -39,7 +39,8 @@ from latentcell.model._validation import (
     check_obs_columns,
     check_var_names,
 )
-from latentcell.module import SAMPLER_METHODS, LatentFlow
+from latentcell.module import DIFFUSION_METHODS, OBJECTIVES, SAMPLER_METHODS, LatentFlow
+from latentcell.module._counts import sample_counts
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class LatentDiffusionModel(BaseModelClass):
         Probability that all conditions of a training cell are replaced by null tokens.
     p_drop_attr
         Probability that each condition is replaced by its null token independently.
+    objective
+        ``"flow"`` (rectified flow, sampled with an ODE solver) or ``"ddpm"`` (noise
+        prediction with a cosine schedule, sampled with DDIM), same denoiser. Rectified flow
+        is the default: see ``benchmarks/generation_pbmc3k.py`` for the comparison per
+        number of steps.
     **vae_kwargs
         Further keyword arguments of :class:`scvi.module.VAE`.
 
@@ -137,6 +143,7 @@ class LatentDiffusionModel(BaseModelClass):
         token_dim: int = 4,
         p_uncond: float = 0.1,
         p_drop_attr: float = 0.1,
+        objective: Literal["flow", "ddpm"] = "flow",
         **vae_kwargs,
     ):
         if gene_likelihood not in ("nb", "zinb", "poisson"):
@@ -145,6 +152,8 @@ class LatentDiffusionModel(BaseModelClass):
             )
         if denoiser not in ("dit", "mlp"):
             raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
         super().__init__(adata, registry=registry)
         n_cells = int(self.summary_stats.n_cells)
         large = n_cells >= _LARGE
@@ -182,6 +191,7 @@ class LatentDiffusionModel(BaseModelClass):
             token_dim=token_dim,
             p_uncond=p_uncond,
             p_drop_attr=p_drop_attr,
+            objective=objective,
         )
         self.module = LatentDiffusionModule(vae, LatentFlow(**self._flow_kwargs))
         self.trained_stages_: list[str] = []
@@ -190,7 +200,8 @@ class LatentDiffusionModel(BaseModelClass):
         self.var_names_ = self._registry_var_names()
         self._model_summary_string = (
             f"LatentDiffusionModel: n_latent={n_latent}, gene_likelihood={gene_likelihood}, "
-            f"denoiser={denoiser} (hidden {flow_n_hidden}, {flow_n_layers} layers), "
+            f"{objective} prior, denoiser={denoiser} (hidden {flow_n_hidden}, "
+            f"{flow_n_layers} layers), "
             f"conditions={[a['name'] for a in attrs['categorical']] + attrs['continuous']}"
         )
         self.init_params_ = self._get_init_params(locals())
@@ -368,6 +379,7 @@ class LatentDiffusionModel(BaseModelClass):
         plan_kwargs: dict | None = None,
         flow_plan_kwargs: dict | None = None,
         seed: int | None = None,
+        load_in_memory: bool | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the VAE, then the latent flow (or one stage).
@@ -413,6 +425,12 @@ class LatentDiffusionModel(BaseModelClass):
             global seed as it is. Initial weights are drawn when the model is built: set
             ``scvi.settings.seed`` before ``LatentDiffusionModel(...)`` for runs that are
             identical end to end.
+        load_in_memory
+            VAE stage only: read the registered counts into memory once and serve minibatches
+            by indexing (:class:`latentcell.model.CountsDataModule`), instead of scvi-tools'
+            ``AnnDataLoader`` (which reads the AnnData per minibatch and also works for
+            backed AnnData). ``None`` uses memory unless the AnnData is backed. The split of
+            cells is scvi-tools' ``DataSplitter`` either way.
         **trainer_kwargs
             Further keyword arguments of :class:`scvi.train.Trainer` (Lightning).
         """
@@ -437,6 +455,7 @@ class LatentDiffusionModel(BaseModelClass):
                 datasplitter_kwargs or {},
                 plan_kwargs or {},
                 dict(trainer_kwargs),
+                load_in_memory,
             )
         if stage in (None, "flow"):
             self._train_flow(
@@ -486,6 +505,7 @@ class LatentDiffusionModel(BaseModelClass):
         splitter_kwargs,
         plan_kwargs,
         trainer_kwargs,
+        load_in_memory,
     ) -> None:
         n_obs = self.adata.n_obs
         max_epochs = max_epochs or get_max_epochs_heuristic(n_obs)
@@ -523,7 +543,14 @@ class LatentDiffusionModel(BaseModelClass):
             self.module.flow = LatentFlow(**self._flow_kwargs).to(device)
         self.trained_stages_ = []
         self.stage_history_ = {}
-        self._run("vae", plan, splitter, max_epochs, accelerator, devices, **trainer_kwargs)
+        if load_in_memory is None:
+            load_in_memory = not self.adata.isbacked
+        data = splitter
+        if load_in_memory:
+            data = CountsDataModule(
+                self.adata_manager, splitter.train_idx, splitter.val_idx, batch_size=batch_size
+            )
+        self._run("vae", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
         # library sizes and covariates of the training cells, drawn from when sampling
         self.reference_ = {k: np.asarray(v) for k, v in self._registered_codes(self.adata).items()}
         self.trained_stages_ = ["vae"]
@@ -768,7 +795,7 @@ class LatentDiffusionModel(BaseModelClass):
         n_samples: int | None = None,
         conditions: Mapping | pd.DataFrame | None = None,
         n_steps: int = 50,
-        method: Literal["euler", "midpoint", "heun"] = "midpoint",
+        method: Literal["euler", "midpoint", "heun", "ddim"] | None = None,
         cfg_scale: float = 1.0,
         seed: int | None = None,
         batch_size: int = 1024,
@@ -790,9 +817,10 @@ class LatentDiffusionModel(BaseModelClass):
             from a training cell drawn among those matching the given categorical
             conditions.
         n_steps
-            ODE solver steps.
+            Solver steps (``"midpoint"`` and ``"heun"`` evaluate the network twice per step).
         method
-            ``"euler"``, ``"midpoint"`` or ``"heun"``.
+            ``"euler"``, ``"midpoint"`` or ``"heun"`` for ``objective="flow"`` (default
+            ``"midpoint"``); ``"ddim"`` (the default) for ``objective="ddpm"``.
         cfg_scale
             Classifier-free guidance weight; 1 is the plain conditional flow, larger values
             push samples towards the condition at the cost of diversity.
@@ -816,8 +844,13 @@ class LatentDiffusionModel(BaseModelClass):
         ``uns['latentcell']``.
         """
         self._check_stage("flow" if latent_prior == "flow" else "vae", "sample")
-        if method not in SAMPLER_METHODS:
-            raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}.")
+        objective = self.module.flow.objective
+        valid = SAMPLER_METHODS if objective == "flow" else DIFFUSION_METHODS
+        method = method or ("midpoint" if objective == "flow" else "ddim")
+        if method not in valid:
+            raise ValueError(
+                f"method must be one of {valid} for objective={objective!r}, got {method!r}."
+            )
         if latent_prior not in ("flow", "normal"):
             raise ValueError(f"latent_prior must be 'flow' or 'normal', got {latent_prior!r}.")
         if not self.reference_:
@@ -900,7 +933,7 @@ class LatentDiffusionModel(BaseModelClass):
                     z = noise.to(device)
                     bar.update(1)
                 px = self._decode(z, {k: v[sl] for k, v in ref.items()})
-                counts.append(sparse.csr_matrix(px.sample().cpu().numpy().astype(np.float32)))
+                counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
                 means.append(px.mean.cpu().numpy().astype(np.float32))
                 latents.append(z.cpu().numpy())
         return self._generated_anndata(

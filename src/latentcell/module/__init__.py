@@ -1,6 +1,27 @@
-"""Torch modules: the latent flow and the path/sampler. Never imports AnnData."""
+"""Torch modules: the latent flow, its ODE and DDIM samplers. Never imports AnnData."""
 
-from latentcell.module._flow import LatentFlow
+from latentcell.module._diffusion import (
+    DIFFUSION_METHODS,
+    cosine_alpha_bar,
+    ddim_sample,
+    ddim_step,
+    diffuse,
+    predict_data,
+)
+from latentcell.module._flow import OBJECTIVES, LatentFlow
 from latentcell.module._path import SAMPLER_METHODS, integrate, interpolate, target_velocity
 
-__all__ = ["SAMPLER_METHODS", "LatentFlow", "integrate", "interpolate", "target_velocity"]
+__all__ = [
+    "DIFFUSION_METHODS",
+    "OBJECTIVES",
+    "SAMPLER_METHODS",
+    "LatentFlow",
+    "cosine_alpha_bar",
+    "ddim_sample",
+    "ddim_step",
+    "diffuse",
+    "integrate",
+    "interpolate",
+    "predict_data",
+    "target_velocity",
+]

@@ -1,4 +1,4 @@
-"""Conditional rectified flow on a (frozen) VAE latent space. Tensors only."""
+"""Conditional rectified flow (or DDPM) on a (frozen) VAE latent space. Tensors only."""
 
 from __future__ import annotations
 
@@ -8,12 +8,29 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from latentcell._constants import FLOW_KEYS
-from latentcell.module._path import SamplerMethod, integrate, interpolate, target_velocity
+from latentcell.module._diffusion import DIFFUSION_METHODS, DiffusionMethod, ddim_sample, diffuse
+from latentcell.module._path import (
+    SAMPLER_METHODS,
+    SamplerMethod,
+    integrate,
+    interpolate,
+    target_velocity,
+)
 from latentcell.nn import ConditionEmbedding, DiTDenoiser, MLPDenoiser
+
+Objective = Literal["flow", "ddpm"]
+OBJECTIVES = ("flow", "ddpm")
 
 
 class LatentFlow(BaseModuleClass):
-    """Rectified flow with classifier-free guidance on standardised latent vectors.
+    """Rectified flow or DDPM with classifier-free guidance on standardised latent vectors.
+
+    Both objectives share the denoiser and the time convention (``t = 0`` noise, ``t = 1``
+    data): with ``"flow"`` the network predicts the velocity ``x1 - x0`` of the straight
+    path and sampling integrates an ODE (:func:`latentcell.module.integrate`); with
+    ``"ddpm"`` it predicts the noise ``eps`` of ``x_t = sqrt(ab) x1 + sqrt(1 - ab) eps``
+    under a cosine schedule ``ab = alpha_bar(t)`` and sampling is deterministic DDIM
+    (:func:`latentcell.module.ddim_sample`).
 
     Parameters
     ----------
@@ -40,6 +57,9 @@ class LatentFlow(BaseModuleClass):
     p_drop_attr
         Probability of dropping each condition independently, so that any subset of
         conditions can be left unspecified at sampling time.
+    objective
+        ``"flow"`` (rectified flow, velocity prediction) or ``"ddpm"`` (cosine-schedule
+        diffusion, noise prediction, DDIM sampling).
     """
 
     def __init__(
@@ -55,8 +75,12 @@ class LatentFlow(BaseModuleClass):
         dropout: float = 0.0,
         p_uncond: float = 0.1,
         p_drop_attr: float = 0.1,
+        objective: Objective = "flow",
     ):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        self.objective = objective
         self.n_latent = n_latent
         self.p_uncond = p_uncond
         self.p_drop_attr = p_drop_attr
@@ -111,7 +135,11 @@ class LatentFlow(BaseModuleClass):
         cont: torch.Tensor,
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predicted velocity at standardised ``x`` and time ``t`` under the conditions."""
+        """Network output at standardised ``x`` and time ``t`` under the conditions.
+
+        The predicted velocity for ``objective="flow"``, the predicted noise ``eps`` for
+        ``objective="ddpm"``.
+        """
         return self.denoiser(x, t, self.condition(cat, cont, drop))
 
     def condition_dropout_mask(self, n: int, device: torch.device) -> torch.Tensor:
@@ -146,10 +174,13 @@ class LatentFlow(BaseModuleClass):
         return {}
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Conditional flow-matching loss with condition dropout.
+        """Conditional flow-matching (or DDPM noise-prediction) loss with condition dropout.
 
         Noise, times and the dropout mask are drawn here unless the batch provides them
         (validation batches carry fixed ones so that the validation loss is deterministic).
+        With ``objective="ddpm"`` the loss is the per-cell mean squared error between the
+        predicted and the true noise of ``x_t = sqrt(ab) x1 + sqrt(1 - ab) x0``; it is still
+        reported as ``flow_loss``.
         """
         x1 = inference_outputs["x1"]
         n, device = x1.shape[0], x1.device
@@ -159,10 +190,12 @@ class LatentFlow(BaseModuleClass):
         t = torch.rand(n, device=device) if t is None else t.to(device).reshape(-1)
         drop = tensors.get(FLOW_KEYS.DROP)
         drop = self.condition_dropout_mask(n, device) if drop is None else drop.to(device).bool()
-        v = self.velocity(
-            interpolate(x0, x1, t), t, inference_outputs["cat"], inference_outputs["cont"], drop
-        )
-        per_cell = ((v - target_velocity(x0, x1)) ** 2).mean(-1)
+        if self.objective == "flow":
+            xt, target = interpolate(x0, x1, t), target_velocity(x0, x1)
+        else:
+            xt, target = diffuse(x0, x1, t), x0
+        pred = self.velocity(xt, t, inference_outputs["cat"], inference_outputs["cont"], drop)
+        per_cell = ((pred - target) ** 2).mean(-1)
         loss = per_cell.mean()
         return LossOutput(
             loss=loss,
@@ -177,7 +210,7 @@ class LatentFlow(BaseModuleClass):
         cat: torch.Tensor,
         cont: torch.Tensor,
         n_steps: int = 50,
-        method: SamplerMethod = "euler",
+        method: SamplerMethod | DiffusionMethod | None = None,
         cfg_scale: float = 1.0,
         noise: torch.Tensor | None = None,
         callback=None,
@@ -190,20 +223,34 @@ class LatentFlow(BaseModuleClass):
             Categorical codes ``(n, n_categorical)``; null-token codes mean "unspecified".
         cont
             Raw continuous conditions ``(n, n_continuous)``; NaN means "unspecified".
-        n_steps, method
-            ODE solver settings, see :func:`latentcell.module.integrate`.
+        n_steps
+            Solver steps. Euler and DDIM evaluate the network ``n_steps`` times, midpoint
+            and Heun ``2 * n_steps`` times.
+        method
+            With ``objective="flow"``: ``"euler"`` (the default), ``"midpoint"`` or
+            ``"heun"``, see :func:`latentcell.module.integrate`. With ``objective="ddpm"``:
+            ``"ddim"`` (the default), see :func:`latentcell.module.ddim_sample`.
         cfg_scale
-            Classifier-free guidance weight ``w`` in ``v = v_null + w (v_cond - v_null)``;
-            1 is the plain conditional flow, 0 the unconditional one.
+            Classifier-free guidance weight ``w`` in ``v = v_null + w (v_cond - v_null)``
+            (applied to the predicted noise for ``"ddpm"``); 1 is the plain conditional
+            model, 0 the unconditional one.
         noise
             Starting points at ``t = 0``; drawn from the global torch RNG if omitted.
         callback
-            Called after each solver step.
+            Called with the step index after each solver step.
 
         Returns
         -------
         Latents of shape ``(n, n_latent)``.
         """
+        valid = SAMPLER_METHODS if self.objective == "flow" else DIFFUSION_METHODS
+        if method is None:
+            method = valid[0]
+        if method not in valid:
+            raise ValueError(
+                f"method {method!r} is not valid for objective={self.objective!r}; "
+                f"choose one of {valid}."
+            )
         n = cat.shape[0]
         device = self.latent_mean.device
         cat = cat.to(device).long()
@@ -225,5 +272,8 @@ class LatentFlow(BaseModuleClass):
             v_cond, v_null = both.chunk(2)
             return v_null + cfg_scale * (v_cond - v_null)
 
-        x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)
+        if self.objective == "flow":
+            x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)
+        else:
+            x = ddim_sample(velocity, x0, n_steps=n_steps, callback=callback)
         return self.unstandardize(x)
