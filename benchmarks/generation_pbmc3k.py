@@ -1,4 +1,4 @@
-"""Generation quality on pbmc3k: latentcell against scVI and its own VAE prior.
+"""Generation quality on pbmc3k: latentcell against scVI, its own VAE prior and a gene-space flow.
 
 Protocol (issue #2): 2000 highly variable genes (seurat_v3 on counts), a seeded 70/30 split
 of cells, every model trained with its defaults on the 70%, then as many generated cells as
@@ -15,10 +15,22 @@ Rows, all from this one run:
   of the same label;
 - latentcell VAE prior: the same through latentcell's own VAE, without the flow;
 - latentcell: the model with its defaults (MLP denoiser), flow conditioned on the label;
-- latentcell (dit denoiser): the same with ``denoiser="dit"``.
+- latentcell (dit denoiser): the same with ``denoiser="dit"``;
+- gene-space flow (no VAE): the same denoiser family (MLP, 128 hidden, 4 layers,
+  label-conditioned rectified flow, same training recipe) trained directly on the
+  log1p(CP10k) of the 2000 HVGs (``benchmarks/_gene_flow.py``); its cells are
+  ``expm1`` of the generated values, which the metrics renormalise per cell.
 
-Usage: ``python benchmarks/generation_pbmc3k.py [--seed 0] [--out benchmarks/results]``
-(data from ``../shared/data``, or the folder in ``$LATENTCELL_DATA``).
+Each row's fit time is in the table. Steps-vs-quality curve (``steps_curve`` in the JSON): the
+default latentcell model sampled with Euler at 1, 2, 4, 8, 16 and 50 steps, midpoint and Heun
+at 1, 2, 4, 8, 25 and 50 steps (midpoint 50 is the model's default), each with energy
+distance, kNN accuracy, label accuracy and the wall time of ``model.sample`` (flow, decoder
+and count sampling; run ``latentcell.pl.steps_quality`` on it for a plot).
+
+Usage: ``python benchmarks/generation_pbmc3k.py [--seed 0] [--device cuda|cpu]
+[--out benchmarks/results] [--quick]`` (data from ``../shared/data``, or the folder in
+``$LATENTCELL_DATA``). ``--quick`` is a smoke test (2 epochs per stage, a short steps curve,
+results written to a temporary folder unless ``--out`` is given): its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +48,9 @@ import anndata as ad
 import numpy as np
 import torch
 
+from _cli import add_device_arguments, resolve_accelerator
+from _gene_flow import GeneSpaceFlow
+
 DATA_DIR = Path(
     os.environ.get(
         "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -42,6 +58,16 @@ DATA_DIR = Path(
 )
 DATA = DATA_DIR / "generation" / "pbmc3k_raw_counts_louvain_2638.h5ad"
 LABELS = "cell_type"
+#: Solver settings of the steps-vs-quality curve (midpoint 50 is the model's default).
+STEPS_CURVE = {
+    "euler": (1, 2, 4, 8, 16, 50),
+    "midpoint": (1, 2, 4, 8, 25, 50),
+    "heun": (1, 2, 4, 8, 25, 50),
+}
+QUICK_STEPS_CURVE = {"euler": (1, 2, 4, 8, 16, 50), "midpoint": (50,)}
+#: Epochs of every stage with --quick.
+QUICK_EPOCHS = 2
+CURVE_METRICS = ("energy", "knn_accuracy", "label_accuracy")
 
 
 def load_split(seed: int):
@@ -68,7 +94,7 @@ def label_matched_rows(train, test, rng):
     return rows
 
 
-def scvi_baselines(train, test, seed):
+def scvi_baselines(train, test, seed, accelerator="cpu", max_epochs=None):
     import scvi
 
     scvi.settings.seed = seed
@@ -76,7 +102,12 @@ def scvi_baselines(train, test, seed):
     data = train.copy()
     scvi.model.SCVI.setup_anndata(data, labels_key=LABELS)
     model = scvi.model.SCVI(data)
-    model.train(early_stopping=True, enable_progress_bar=False)
+    model.train(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        early_stopping=True,
+        enable_progress_bar=False,
+    )
     fit = time.time() - t0
     rng = np.random.default_rng(seed)
     rows = label_matched_rows(train, test, rng)
@@ -106,27 +137,80 @@ def scvi_baselines(train, test, seed):
     return post, prior, fit, model.history["elbo_validation"].shape[0]
 
 
+def steps_curve(model, train, test, space, seed, settings) -> list[dict]:
+    """Quality and sampling time of the model against the solver and its number of steps."""
+    from latentcell.metrics import evaluate_generation
+
+    conditions = test.obs[[LABELS]]
+    model.sample(conditions=conditions.iloc[:64], n_steps=2, seed=seed, progress_bar=False)
+    curve = []
+    for method, all_steps in settings.items():
+        for n_steps in all_steps:
+            t0 = time.perf_counter()
+            cells = model.sample(
+                conditions=conditions,
+                seed=seed,
+                method=method,
+                n_steps=n_steps,
+                progress_bar=False,
+            )
+            seconds = time.perf_counter() - t0
+            r = evaluate_generation(
+                test, cells, labels_key=LABELS, space=space, seed=seed, reference=train
+            )
+            curve.append(
+                {
+                    "method": method,
+                    "n_steps": n_steps,
+                    "n_evals": n_steps * (1 if method == "euler" else 2),
+                    **{k: float(r[k]) for k in CURVE_METRICS},
+                    "seconds": round(seconds, 3),
+                    "cells_per_s": round(cells.n_obs / seconds, 1),
+                    "default": method == "midpoint" and n_steps == 50,
+                }
+            )
+    return curve
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default benchmarks/results; a temporary folder with --quick)",
+    )
+    add_device_arguments(parser)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK_EPOCHS} epochs per stage, short steps curve",
+    )
     args = parser.parse_args(argv)
+    accelerator = resolve_accelerator(parser, args)
     if not DATA.exists():
         print(f"skipped: {DATA} not found (needs ../shared/data beside the repository)")
         return {}
+    if args.out is None:
+        args.out = (
+            Path(tempfile.gettempdir()) / "latentcell_benchmark_quick"
+            if args.quick
+            else Path(__file__).parent / "results"
+        )
     warnings.filterwarnings("ignore")
     import scvi
 
     import latentcell as lc
     from latentcell.metrics import evaluate_generation, fit_eval_space, real_vs_real_null
 
+    epochs = QUICK_EPOCHS if args.quick else None
+    lc_epochs = {"max_epochs": epochs, "flow_max_epochs": epochs}
     train, test = load_split(args.seed)
     scvi.settings.seed = args.seed  # seeds the initial weights of the model built next
     t0 = time.time()
     lc.LatentDiffusionModel.setup_anndata(train, labels_key=LABELS)
     model = lc.LatentDiffusionModel(train)
-    model.train(seed=args.seed, accelerator=args.accelerator, enable_progress_bar=False)
+    model.train(seed=args.seed, accelerator=accelerator, enable_progress_bar=False, **lc_epochs)
     ldm_fit = time.time() - t0
     conditions = test.obs[[LABELS]]
     t0 = time.time()
@@ -138,60 +222,70 @@ def main(argv=None) -> dict:
     t0 = time.time()
     scvi.settings.seed = args.seed
     dit = lc.LatentDiffusionModel(train, denoiser="dit")
-    dit.train(seed=args.seed, accelerator=args.accelerator, enable_progress_bar=False)
+    dit.train(seed=args.seed, accelerator=accelerator, enable_progress_bar=False, **lc_epochs)
     dit_fit = time.time() - t0
     gen_dit = dit.sample(conditions=conditions, seed=args.seed, progress_bar=False)
-    post, prior, scvi_fit, scvi_epochs = scvi_baselines(train, test, args.seed)
+    t0 = time.time()
+    gene_flow = GeneSpaceFlow(train, LABELS).train(
+        max_epochs=epochs, accelerator=accelerator, seed=args.seed
+    )
+    gene_fit = time.time() - t0
+    gen_gene = gene_flow.sample(conditions, seed=args.seed)
+    post, prior, scvi_fit, scvi_epochs = scvi_baselines(
+        train, test, args.seed, accelerator=accelerator, max_epochs=epochs
+    )
     rows = label_matched_rows(train, test, np.random.default_rng(args.seed + 1))
     floor = train[rows].copy()
 
     space = fit_eval_space(test, n_comps=30, seed=args.seed)
+    fit_seconds = {
+        "scVI posterior predictive": scvi_fit,
+        "scVI prior": scvi_fit,
+        "latentcell VAE prior (no flow)": ldm_fit,
+        "gene-space flow (no VAE)": gene_fit,
+        "latentcell (dit denoiser)": dit_fit,
+        "latentcell": ldm_fit,
+    }
     rows_out = {}
     for name, cells in [
         ("floor: real train vs held-out", floor),
         ("scVI posterior predictive", post),
         ("scVI prior", prior),
         ("latentcell VAE prior (no flow)", vae_prior),
+        ("gene-space flow (no VAE)", gen_gene),
         ("latentcell (dit denoiser)", gen_dit),
         ("latentcell", gen),
     ]:
         rows_out[name] = evaluate_generation(
             test, cells, labels_key=LABELS, space=space, seed=args.seed, reference=train
         )
-    solver_sweep = {}
-    for method in ("euler", "midpoint", "heun"):
-        for n_steps in (10, 25, 50):
-            cells = model.sample(
-                conditions=conditions,
-                seed=args.seed,
-                method=method,
-                n_steps=n_steps,
-                progress_bar=False,
-            )
-            r = evaluate_generation(
-                test, cells, labels_key=LABELS, space=space, seed=args.seed, reference=train
-            )
-            solver_sweep[f"{method}-{n_steps}"] = {
-                k: r[k] for k in ("energy", "knn_accuracy", "label_accuracy")
-            }
-    null = real_vs_real_null(test, n_repeats=5, seed=args.seed, space=space)
+        if name in fit_seconds:
+            rows_out[name]["fit_seconds"] = round(fit_seconds[name], 1)
+    curve = steps_curve(
+        model, train, test, space, args.seed, QUICK_STEPS_CURVE if args.quick else STEPS_CURVE
+    )
+    null = real_vs_real_null(test, n_repeats=1 if args.quick else 5, seed=args.seed, space=space)
     result = {
         "dataset": "pbmc3k (2638 cells; 2000 HVGs)",
         "n_train": train.n_obs,
         "n_test": test.n_obs,
         "seed": args.seed,
+        "quick": args.quick,
+        "accelerator": accelerator,
         "results": rows_out,
         "real_vs_real_null_halves_of_test": null,
-        "solver_sweep_latentcell": solver_sweep,
+        "steps_curve": curve,
         "timing_seconds": {
             "latentcell_fit": round(ldm_fit, 1),
             "latentcell_sample": round(sample_time, 2),
             "latentcell_dit_fit": round(dit_fit, 1),
+            "gene_flow_fit": round(gene_fit, 1),
             "scvi_fit": round(scvi_fit, 1),
         },
         "latentcell_epochs": {
             k: len(model.history[k]) for k in ("elbo_validation", "flow_loss_validation")
         },
+        "gene_flow_epochs": len(gene_flow.history["flow_loss_validation"]),
         "scvi_epochs": int(scvi_epochs),
         "space": space.to_dict(include_genes=False),
     }
@@ -199,26 +293,51 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation_pbmc3k.json").write_text(json.dumps(result, indent=2, default=float))
     table = markdown_table(rows_out)
-    (out / "generation_pbmc3k.md").write_text(table + "\n")
+    curve_table = steps_table(curve)
+    (out / "generation_pbmc3k.md").write_text(table + "\n\n" + curve_table + "\n")
     print(table)
     print(
         f"real-vs-real null (random halves of held-out cells): energy "
         f"{null['energy_mean']:.3f} ± {null['energy_std']:.3f}"
     )
-    print(json.dumps(result["timing_seconds"]), json.dumps(result["latentcell_epochs"]))
-    print("solver sweep (energy):", {k: round(v["energy"], 3) for k, v in solver_sweep.items()})
+    print(
+        json.dumps(result["timing_seconds"]),
+        json.dumps(result["latentcell_epochs"]),
+        f"gene-space flow epochs: {result['gene_flow_epochs']}",
+    )
+    print()
+    print(curve_table)
+    print(f"results written to {out}")
     return result
 
 
 def markdown_table(rows: dict) -> str:
     lines = [
-        "| cells compared with held-out pbmc3k | energy | MMD | kNN acc (0.5 ideal) | label acc |",
-        "|---|---:|---:|---:|---:|",
+        "| cells compared with held-out pbmc3k | energy | MMD | kNN acc (0.5 ideal) | label acc "
+        "| fit (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
+        fit = f"{r['fit_seconds']:.1f}" if "fit_seconds" in r else ""
         lines.append(
             f"| {name} | {r['energy']:.3f} | {r['mmd']:.4f} | "
-            f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} |"
+            f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} | {fit} |"
+        )
+    return "\n".join(lines)
+
+
+def steps_table(curve: list[dict]) -> str:
+    lines = [
+        "| latentcell sampler | steps | network evals | energy | kNN acc (0.5 ideal) "
+        "| label acc | sample (s) | cells/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in curve:
+        name = r["method"] + (" (default)" if r.get("default") else "")
+        lines.append(
+            f"| {name} | {r['n_steps']} | {r['n_evals']} | {r['energy']:.3f} | "
+            f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} | {r['seconds']:.2f} | "
+            f"{r['cells_per_s']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
-"""Run every benchmark: ``python benchmarks/run.py [--accelerator gpu]``.
+"""Run every benchmark: ``python benchmarks/run.py [--device cuda|cpu]``.
 
-Writes JSON and markdown under ``benchmarks/results`` and prints the tables. Not part of the
-test suite: speed is measured here, as ratios against baselines run in the same process.
+``--device cuda`` is the same as ``--accelerator gpu`` (and ``--device cpu`` as
+``--accelerator cpu``); either is passed on to both benchmarks. Writes JSON and markdown under
+``benchmarks/results`` and prints the tables. Not part of the test suite: speed is measured
+here, as ratios against baselines run in the same process.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ import argparse
 
 import generation_pbmc3k
 import speed
+from _cli import add_device_arguments, resolve_accelerator
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accelerator", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    generation_pbmc3k.main(["--accelerator", args.accelerator, "--seed", str(args.seed)])
-    n = "50000" if args.accelerator != "cpu" else "5000"
-    speed.main(["--accelerator", args.accelerator, "--n-cells", n, "--n-sample", n])
+    accelerator = resolve_accelerator(parser, args)
+    generation_pbmc3k.main(["--accelerator", accelerator, "--seed", str(args.seed)])
+    n = "50000" if accelerator != "cpu" else "5000"
+    speed.main(["--accelerator", accelerator, "--n-cells", n, "--n-sample", n])
 
 
 if __name__ == "__main__":

@@ -20,3 +20,6 @@ FLOW_KEYS = _FlowKeys()
 LATENT_KEY = "X_latentcell"
 #: Layer holding decoded mean expression in generated AnnData.
 MEAN_LAYER = "latentcell_mean"
+#: scvi-tools registry keys of the perturbation label and dose of each cell.
+PERTURBATION_FIELD = "perturbation"
+DOSE_FIELD = "dose"

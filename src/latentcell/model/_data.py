@@ -215,3 +215,186 @@ def _rows(tensors: dict, idx: np.ndarray) -> dict:
         k: v[idx] if sparse.issparse(v) else v[torch.as_tensor(idx, dtype=torch.long)]
         for k, v in tensors.items()
     }
+
+
+def ot_pairs(
+    z: np.ndarray,
+    cells: np.ndarray,
+    groups: np.ndarray,
+    perturbations: np.ndarray,
+    is_control: np.ndarray,
+    rng: np.random.Generator,
+    chunk_size: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair every cell with a control cell of its group by minibatch optimal transport.
+
+    Within each group (e.g. cell type x batch) and each perturbation, the cells are shuffled
+    and cut into chunks of at most ``chunk_size``; each chunk is matched one to one with as
+    many controls drawn from the group (without replacement where there are enough) by
+    minimising the summed squared distance (:func:`scipy.optimize.linear_sum_assignment`).
+    Control cells are paired with controls too (identity pairs). Groups without controls
+    contribute nothing.
+
+    Parameters
+    ----------
+    z
+        Latents ``(n_cells, n_latent)`` (standardised, so every dimension counts alike).
+    cells
+        Indices of the cells to pair (e.g. the training split).
+    groups, perturbations
+        Integer group and perturbation code of every cell.
+    is_control
+        Whether each cell is a control.
+    rng
+        Random generator (shuffling and control draws).
+    chunk_size
+        Largest assignment problem solved at once.
+
+    Returns
+    -------
+    ``(sources, targets)``: equally long arrays of cell indices.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    cells = np.asarray(cells)
+    sources, targets = [], []
+    for g in np.unique(groups[cells]):
+        members = cells[groups[cells] == g]
+        controls = members[is_control[members]]
+        if controls.size == 0:
+            continue
+        for p in np.unique(perturbations[members]):
+            tgt = rng.permutation(members[perturbations[members] == p])
+            for start in range(0, tgt.size, chunk_size):
+                chunk = tgt[start : start + chunk_size]
+                src = rng.choice(controls, size=chunk.size, replace=chunk.size > controls.size)
+                rows, cols = linear_sum_assignment(cdist(z[src], z[chunk], "sqeuclidean"))
+                sources.append(src[rows])
+                targets.append(chunk[cols])
+    if not sources:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(sources), np.concatenate(targets)
+
+
+class _PairBatches(torch.utils.data.IterableDataset):
+    """Minibatches of (control, perturbed) latent pairs, re-paired at every epoch."""
+
+    def __init__(self, z, condition, pair_fn, batch_size, seed, fixed: bool, n_pairs: int = 0):
+        self.z, self.condition = z, condition
+        self.pair_fn, self.batch_size, self.seed = pair_fn, batch_size, seed
+        self.epoch = 0
+        self._fixed = pair_fn(np.random.default_rng(seed)) if fixed else None
+        self.n_pairs = len(self._fixed[0]) if fixed else n_pairs
+
+    def __len__(self) -> int:
+        """Approximate number of minibatches (the pairing can vary a little per epoch)."""
+        return max(1, -(-self.n_pairs // self.batch_size))
+
+    def __iter__(self):
+        from latentcell.module._perturbation import (
+            PERTURBATION_KEY,
+            SOURCE_KEY,
+            TARGET_KEY,
+            TIME_KEY,
+        )
+
+        if self._fixed is not None:
+            sources, targets = self._fixed
+            order = np.arange(len(sources))
+            times = torch.rand(len(sources), generator=torch.Generator().manual_seed(self.seed))
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self.epoch += 1
+            sources, targets = self.pair_fn(rng)
+            order = rng.permutation(len(sources))
+            times = None
+        for start in range(0, len(order), self.batch_size):
+            sel = order[start : start + self.batch_size]
+            if sel.size < 2 and len(order) > 1:
+                continue
+            src = torch.as_tensor(sources[sel], dtype=torch.long)
+            tgt = torch.as_tensor(targets[sel], dtype=torch.long)
+            batch = {
+                SOURCE_KEY: self.z[src],
+                TARGET_KEY: self.z[tgt],
+                PERTURBATION_KEY: self.condition[tgt],
+            }
+            if times is not None:
+                batch[TIME_KEY] = times[torch.as_tensor(sel)]
+            yield batch
+
+
+class PairedLatentDataModule(pl.LightningDataModule):
+    """Training and validation pairs for :class:`latentcell.module.PerturbationFlow`.
+
+    Training pairs are drawn afresh every epoch with :func:`ot_pairs` among training cells;
+    validation pairs (among validation cells, with controls of the validation split, or of
+    the training split where a validation group has none) and their flow times are drawn
+    once, so the validation loss depends only on the weights.
+
+    Parameters
+    ----------
+    z
+        Latents of all cells ``(n_cells, n_latent)``.
+    condition
+        Perturbation vector of every cell ``(n_cells, n_condition)`` (zero for controls).
+    groups, perturbations, is_control
+        Integer group and perturbation codes and the control flag of every cell.
+    train_idx, val_idx
+        Cells of each split.
+    batch_size
+        Pairs per minibatch.
+    seed
+        Seed of the pairings and of the fixed validation times.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        condition: torch.Tensor,
+        groups: np.ndarray,
+        perturbations: np.ndarray,
+        is_control: np.ndarray,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        batch_size: int = 256,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
+        self.test_idx = np.zeros(0, dtype=np.int64)
+        scaled = ((z - z.mean(0)) / z.std(0).clamp_min(1e-4)).numpy()
+        groups, perturbations = np.asarray(groups), np.asarray(perturbations)
+        is_control = np.asarray(is_control, dtype=bool)
+
+        def train_pairs(rng):
+            return ot_pairs(scaled, self.train_idx, groups, perturbations, is_control, rng)
+
+        def val_pairs(rng):
+            # validation cells, with training controls added to the pool of sources only
+            pool = np.union1d(self.val_idx, self.train_idx[is_control[self.train_idx]])
+            src, tgt = ot_pairs(scaled, pool, groups, perturbations, is_control, rng)
+            keep = np.isin(tgt, self.val_idx)
+            return src[keep], tgt[keep]
+
+        self.n_train = len(self.train_idx)
+        self.train_set = _PairBatches(
+            z, condition, train_pairs, batch_size, seed, False, n_pairs=self.n_train
+        )
+        self.val_set = (
+            _PairBatches(z, condition, val_pairs, max(batch_size, 1024), seed + 1, True)
+            if len(self.val_idx)
+            else None
+        )
+        self.n_val = 0 if self.val_set is None else self.val_set.n_pairs
+
+    def train_dataloader(self) -> DataLoader:
+        """Return the epoch's shuffled pairs in minibatches."""
+        return DataLoader(self.train_set, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Return the fixed validation pairs."""
+        if self.val_set is None or self.n_val == 0:
+            return []
+        return DataLoader(self.val_set, batch_size=None)

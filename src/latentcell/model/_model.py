@@ -21,6 +21,7 @@ from scvi.data.fields import (
     CategoricalObsField,
     LayerField,
     NumericalJointObsField,
+    NumericalObsField,
 )
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import get_max_epochs_heuristic
@@ -29,17 +30,31 @@ from scvi.module import VAE
 from scvi.train import TrainingPlan, TrainRunner
 from tqdm.auto import tqdm
 
-from latentcell._constants import FLOW_KEYS, LATENT_KEY, MEAN_LAYER
+from latentcell._constants import (
+    DOSE_FIELD,
+    FLOW_KEYS,
+    LATENT_KEY,
+    MEAN_LAYER,
+    PERTURBATION_FIELD,
+)
 from latentcell.model import _io
 from latentcell.model._data import CountsDataModule, LatentDataModule
+from latentcell.model._perturbation import PerturbationMixin
 from latentcell.model._training import FlowTrainingPlan
 from latentcell.model._validation import (
     check_counts,
     check_not_view,
     check_obs_columns,
+    check_perturbation,
     check_var_names,
 )
-from latentcell.module import DIFFUSION_METHODS, OBJECTIVES, SAMPLER_METHODS, LatentFlow
+from latentcell.module import (
+    DIFFUSION_METHODS,
+    OBJECTIVES,
+    SAMPLER_METHODS,
+    LatentFlow,
+    PerturbationFlow,
+)
 from latentcell.module._counts import sample_counts
 
 logger = logging.getLogger(__name__)
@@ -47,15 +62,19 @@ logger = logging.getLogger(__name__)
 _CAT_COVS = REGISTRY_KEYS.CAT_COVS_KEY
 _CONT_COVS = REGISTRY_KEYS.CONT_COVS_KEY
 _LARGE = 100_000
+_STAGES = ("vae", "flow", "perturbation")
 
 
 class LatentDiffusionModule(torch.nn.Module):
-    """Container of the two stages: an scvi-tools count VAE and a latent flow."""
+    """Container of the stages: a count VAE, a latent flow, optionally a perturbation flow."""
 
-    def __init__(self, vae: VAE, flow: LatentFlow):
+    def __init__(
+        self, vae: VAE, flow: LatentFlow, perturbation_flow: PerturbationFlow | None = None
+    ):
         super().__init__()
         self.vae = vae
         self.flow = flow
+        self.perturbation_flow = perturbation_flow
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +82,7 @@ class LatentDiffusionModule(torch.nn.Module):
         return next(self.parameters()).device
 
 
-class LatentDiffusionModel(BaseModelClass):
+class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
     """Latent diffusion for single-cell counts.
 
     Stage 1 is a count variational autoencoder (scvi-tools' ``VAE``: negative binomial,
@@ -193,7 +212,22 @@ class LatentDiffusionModel(BaseModelClass):
             p_drop_attr=p_drop_attr,
             objective=objective,
         )
-        self.module = LatentDiffusionModule(vae, LatentFlow(**self._flow_kwargs))
+        pert = self._perturbation_state()
+        self._perturbation_kwargs = (
+            dict(
+                n_latent=n_latent,
+                n_condition=pert["matrix"].shape[1] + (pert["dose_key"] is not None),
+                n_hidden=flow_n_hidden,
+                n_layers=flow_n_layers,
+            )
+            if pert
+            else None
+        )
+        self.module = LatentDiffusionModule(
+            vae,
+            LatentFlow(**self._flow_kwargs),
+            PerturbationFlow(**self._perturbation_kwargs) if pert else None,
+        )
         self.trained_stages_: list[str] = []
         self.stage_history_: dict[str, dict] = {}
         self.reference_: dict[str, np.ndarray] = {}
@@ -221,6 +255,11 @@ class LatentDiffusionModel(BaseModelClass):
         batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        perturbation_key: str | None = None,
+        control_value: str = "ctrl",
+        perturbation_separator: str = "+",
+        dose_key: str | None = None,
+        perturbation_embeddings: pd.DataFrame | str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData with the model.
@@ -247,7 +286,35 @@ class LatentDiffusionModel(BaseModelClass):
             Further categorical ``obs`` columns, used like ``batch_key``.
         continuous_covariate_keys
             Continuous ``obs`` columns: decoder covariates and flow conditions.
+        perturbation_key
+            ``obs`` column naming the perturbation of each cell (``control_value`` for
+            controls; combinations joined with ``perturbation_separator``, e.g. ``"A+B"``).
+            Enables :meth:`predict_perturbation`. It is not given to the VAE, so the latent
+            space carries the response.
+        control_value
+            Label of control cells in ``perturbation_key``.
+        perturbation_separator
+            Separator of the components of combined perturbations.
+        dose_key
+            Optional numeric ``obs`` column with the dose of each perturbation.
+        perturbation_embeddings
+            Optional vectors of single perturbations (e.g. gene or drug embeddings): a
+            DataFrame with one row per perturbation name, or the key of one in ``adata.uns``.
+            A combination is the sum of its components' vectors. With embeddings, perturbations
+            never seen in training can be predicted; without, each single perturbation seen
+            in training gets its own one-hot direction.
         """
+        if perturbation_key is not None:
+            perturbation_embeddings = check_perturbation(
+                adata,
+                perturbation_key,
+                control_value,
+                perturbation_separator,
+                dose_key,
+                perturbation_embeddings,
+            )
+        elif dose_key is not None or perturbation_embeddings is not None:
+            raise ValueError("dose_key and perturbation_embeddings need a perturbation_key.")
         setup_method_args = cls._get_setup_method_args(**locals())
         check_not_view(adata)
         check_counts(adata, layer)
@@ -260,6 +327,10 @@ class LatentDiffusionModel(BaseModelClass):
             CategoricalJointObsField(_CAT_COVS, categorical_covariate_keys),
             NumericalJointObsField(_CONT_COVS, continuous_covariate_keys),
         ]
+        if perturbation_key is not None:
+            anndata_fields.append(CategoricalObsField(PERTURBATION_FIELD, perturbation_key))
+        if dose_key is not None:
+            anndata_fields.append(NumericalObsField(DOSE_FIELD, dose_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -361,9 +432,10 @@ class LatentDiffusionModel(BaseModelClass):
     # ------------------------------------------------------------------ training
     def train(
         self,
-        stage: Literal["vae", "flow"] | None = None,
+        stage: Literal["vae", "flow", "perturbation"] | None = None,
         max_epochs: int | None = None,
         flow_max_epochs: int | None = None,
+        perturbation_max_epochs: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 0.9,
@@ -382,7 +454,7 @@ class LatentDiffusionModel(BaseModelClass):
         load_in_memory: bool | None = None,
         **trainer_kwargs,
     ) -> None:
-        """Train the VAE, then the latent flow (or one stage).
+        """Train the VAE, then the latent flow, then the perturbation flow (or one stage).
 
         Each stage stops on its own held-out validation loss by default (the ELBO for the
         VAE, a flow-matching loss with fixed noise and times for the flow), because small
@@ -391,14 +463,19 @@ class LatentDiffusionModel(BaseModelClass):
         Parameters
         ----------
         stage
-            ``"vae"`` or ``"flow"`` to run one stage; ``None`` runs both. Retraining the VAE
-            invalidates the flow, which must then be retrained.
+            ``"vae"``, ``"flow"`` or ``"perturbation"`` to run one stage; ``None`` runs them
+            all (the perturbation flow only when a ``perturbation_key`` was registered).
+            Retraining the VAE invalidates the flows, which must then be retrained.
         max_epochs
             Maximum VAE epochs; default ``min(400, 400 * 20000 / n_cells)`` (scvi-tools'
             heuristic).
         flow_max_epochs
             Maximum flow epochs; default about ``max(4000, n_cells / 50)`` optimisation steps,
             between 5 and 1000 epochs.
+        perturbation_max_epochs
+            Maximum epochs of the perturbation flow; default about ``max(3000, n_cells / 50)``
+            optimisation steps. It shares ``flow_batch_size`` (default 256 pairs),
+            ``flow_lr`` and ``flow_plan_kwargs`` with the latent flow.
         accelerator, devices
             Passed to Lightning.
         train_size, validation_size
@@ -434,8 +511,8 @@ class LatentDiffusionModel(BaseModelClass):
         **trainer_kwargs
             Further keyword arguments of :class:`scvi.train.Trainer` (Lightning).
         """
-        if stage not in (None, "vae", "flow"):
-            raise ValueError(f"stage must be None, 'vae' or 'flow', got {stage!r}.")
+        if stage not in (None, *_STAGES):
+            raise ValueError(f"stage must be None or one of {_STAGES}, got {stage!r}.")
         if self.adata is None:
             raise ValueError("This model holds no AnnData; load it with adata=... to train.")
         if seed is not None:
@@ -460,6 +537,20 @@ class LatentDiffusionModel(BaseModelClass):
         if stage in (None, "flow"):
             self._train_flow(
                 flow_max_epochs,
+                accelerator,
+                devices,
+                train_size,
+                validation_size,
+                flow_batch_size,
+                early_stopping,
+                early_stopping_patience,
+                flow_lr,
+                flow_plan_kwargs or {},
+                dict(trainer_kwargs),
+            )
+        if stage == "perturbation" or (stage is None and self._perturbation_state()):
+            self._train_perturbation(
+                perturbation_max_epochs,
                 accelerator,
                 devices,
                 train_size,
@@ -537,10 +628,14 @@ class LatentDiffusionModel(BaseModelClass):
         self.module.vae.train()
         for p in self.module.vae.parameters():
             p.requires_grad_(True)
-        if "flow" in self.trained_stages_:
-            # the old flow was fit to the old latent space: start it afresh
+        if len(self.trained_stages_) > 1:
+            # the old flows were fit to the old latent space: start them afresh
             device = self.module.device
             self.module.flow = LatentFlow(**self._flow_kwargs).to(device)
+            if self._perturbation_kwargs:
+                self.module.perturbation_flow = PerturbationFlow(**self._perturbation_kwargs).to(
+                    device
+                )
         self.trained_stages_ = []
         self.stage_history_ = {}
         if load_in_memory is None:
@@ -629,7 +724,7 @@ class LatentDiffusionModel(BaseModelClass):
         plan = FlowTrainingPlan(flow, lr=lr, **plan_kwargs)
         flow.train()
         self._run("flow", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
-        self.trained_stages_ = ["vae", "flow"]
+        self._set_trained("flow")
 
     def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):
         """Reuse the VAE's train/validation split, so neither stage sees validation cells."""
@@ -645,9 +740,14 @@ class LatentDiffusionModel(BaseModelClass):
         n_val = round(n_obs * (validation_size if validation_size else 1 - train_size))
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
+    def _set_trained(self, stage: str) -> None:
+        """Record a trained stage, keeping the stages in their canonical order."""
+        done = set(self.trained_stages_) | {stage}
+        self.trained_stages_ = [s for s in _STAGES if s in done]
+
     def _merged_history(self) -> dict:
         merged = {}
-        for stage in ("vae", "flow"):
+        for stage in _STAGES:
             merged.update(self.stage_history_.get(stage, {}))
         return merged
 

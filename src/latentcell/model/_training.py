@@ -8,10 +8,24 @@ from scvi.train import TrainingPlan
 class FlowTrainingPlan(TrainingPlan):
     """scvi-tools' training plan with the flow's own metric names.
 
-    Logs ``flow_loss_train`` and ``flow_loss_validation`` (the mean squared velocity error)
-    instead of ELBO terms, which do not exist for the flow. Optimiser, learning-rate
+    Logs ``<metric_name>_train`` and ``<metric_name>_validation`` (the mean squared velocity
+    error) instead of ELBO terms, which do not exist for a flow. Optimiser, learning-rate
     schedule and device handling are scvi-tools'.
+
+    Parameters
+    ----------
+    module
+        The flow module.
+    metric_name
+        Prefix of the logged losses (``"flow_loss"`` for the generative flow,
+        ``"perturbation_loss"`` for the perturbation flow).
+    **kwargs
+        Keyword arguments of :class:`scvi.train.TrainingPlan`.
     """
+
+    def __init__(self, module, *, metric_name: str = "flow_loss", **kwargs):
+        super().__init__(module, **kwargs)
+        self.metric_name = metric_name
 
     def _step(self, batch, name: str):
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
@@ -28,8 +42,8 @@ class FlowTrainingPlan(TrainingPlan):
 
     def training_step(self, batch, batch_idx):
         """Run one optimisation step on a batch of latents."""
-        return self._step(batch, "flow_loss_train")
+        return self._step(batch, f"{self.metric_name}_train")
 
     def validation_step(self, batch, batch_idx):
         """Compute the loss on validation latents with fixed noise and times."""
-        self._step(batch, "flow_loss_validation")
+        self._step(batch, f"{self.metric_name}_validation")

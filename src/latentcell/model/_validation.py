@@ -123,3 +123,61 @@ def check_var_names(adata: AnnData, var_names: pd.Index | np.ndarray) -> None:
         f"{'; '.join(detail)}. Subset and reorder first, e.g. "
         f"`adata = adata[:, model_var_names].copy()` with the training var_names."
     )
+
+
+def check_perturbation(
+    adata: AnnData,
+    perturbation_key: str,
+    control_value: str,
+    separator: str,
+    dose_key: str | None,
+    embeddings,
+) -> dict | None:
+    """Check the perturbation columns and normalise the embeddings to a JSON-able dict.
+
+    Returns
+    -------
+    ``None`` without embeddings, else ``{"names": [...], "values": [[...], ...]}``.
+    """
+    check_obs_columns(adata, [perturbation_key], [dose_key] if dose_key else [])
+    values = adata.obs[perturbation_key].astype(str)
+    if control_value not in set(values):
+        found = sorted(set(values))[:10]
+        raise ValueError(
+            f"control_value={control_value!r} does not occur in adata.obs[{perturbation_key!r}] "
+            f"(values include {found}). Pass the label of the control cells as control_value."
+        )
+    if not separator:
+        raise ValueError("perturbation_separator must be a non-empty string, e.g. '+'.")
+    if embeddings is None:
+        return None
+    if isinstance(embeddings, str):
+        if embeddings not in adata.uns:
+            raise ValueError(
+                f"perturbation_embeddings={embeddings!r} is not a key of adata.uns "
+                f"(keys: {list(adata.uns)}). Pass a DataFrame or the key of one in adata.uns."
+            )
+        embeddings = adata.uns[embeddings]
+    if isinstance(embeddings, dict) and set(embeddings) == {"names", "values"}:
+        embeddings = pd.DataFrame(np.asarray(embeddings["values"]), index=embeddings["names"])
+    if not isinstance(embeddings, pd.DataFrame):
+        raise ValueError(
+            "perturbation_embeddings must be a DataFrame (one row per single perturbation, "
+            f"indexed by its name) or a key of adata.uns holding one, got "
+            f"{type(embeddings).__name__}."
+        )
+    matrix = embeddings.to_numpy(dtype=float)
+    if matrix.ndim != 2 or matrix.shape[1] == 0 or not np.isfinite(matrix).all():
+        raise ValueError("perturbation_embeddings must hold finite numbers, one row per name.")
+    names = embeddings.index.astype(str)
+    if names.has_duplicates:
+        raise ValueError("perturbation_embeddings has duplicated row names.")
+    components = {c for v in set(values) if v != control_value for c in v.split(separator) if c}
+    missing = sorted(components - set(names))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} perturbations of adata.obs[{perturbation_key!r}] have no row in "
+            f"perturbation_embeddings (e.g. {missing[:5]}). Add their vectors, or drop those "
+            f"cells."
+        )
+    return {"names": list(names), "values": matrix.tolist()}

@@ -1,4 +1,4 @@
-"""Torch modules: the latent flow, its ODE and DDIM samplers. Never imports AnnData."""
+"""Torch modules: the latent flows, their ODE and DDIM samplers. Never imports AnnData."""
 
 from latentcell.module._diffusion import (
     DIFFUSION_METHODS,
@@ -10,12 +10,14 @@ from latentcell.module._diffusion import (
 )
 from latentcell.module._flow import OBJECTIVES, LatentFlow
 from latentcell.module._path import SAMPLER_METHODS, integrate, interpolate, target_velocity
+from latentcell.module._perturbation import PerturbationFlow
 
 __all__ = [
     "DIFFUSION_METHODS",
     "OBJECTIVES",
     "SAMPLER_METHODS",
     "LatentFlow",
+    "PerturbationFlow",
     "cosine_alpha_bar",
     "ddim_sample",
     "ddim_step",

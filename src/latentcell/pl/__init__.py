@@ -1,6 +1,7 @@
-"""Plots: matplotlib figures of real and generated cells and of training."""
+"""Plots: matplotlib figures of real and generated cells, of training and of sampling cost."""
 
 from latentcell.pl._embedding import real_vs_generated_umap
 from latentcell.pl._history import training_history
+from latentcell.pl._steps import steps_quality
 
-__all__ = ["real_vs_generated_umap", "training_history"]
+__all__ = ["real_vs_generated_umap", "steps_quality", "training_history"]

@@ -1,0 +1,33 @@
+"""Command-line options shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+
+#: ``--device`` value -> Lightning accelerator.
+DEVICE_TO_ACCELERATOR = {"cuda": "gpu", "cpu": "cpu"}
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--accelerator`` (Lightning's name) and its alias ``--device cuda|cpu``."""
+    parser.add_argument(
+        "--accelerator", default=None, help="Lightning accelerator (cpu, gpu, ...); default cpu"
+    )
+    parser.add_argument(
+        "--device",
+        choices=sorted(DEVICE_TO_ACCELERATOR),
+        default=None,
+        help="torch-style alias of --accelerator: cuda (= gpu) or cpu",
+    )
+
+
+def resolve_accelerator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Accelerator named by ``--accelerator`` or ``--device`` (they must agree); default cpu."""
+    from_device = DEVICE_TO_ACCELERATOR[args.device] if args.device else None
+    if args.accelerator and from_device and args.accelerator != from_device:
+        parser.error(
+            f"--device {args.device} means --accelerator {from_device}, "
+            f"but --accelerator {args.accelerator} was given"
+        )
+    args.accelerator = args.accelerator or from_device or "cpu"
+    return args.accelerator

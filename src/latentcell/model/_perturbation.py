@@ -1,0 +1,443 @@
+"""Perturbation prediction for LatentDiffusionModel: the third training stage and its queries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi import settings
+from tqdm.auto import tqdm
+
+from latentcell._constants import DOSE_FIELD, LATENT_KEY, MEAN_LAYER, PERTURBATION_FIELD
+from latentcell.model._data import PairedLatentDataModule
+from latentcell.model._training import FlowTrainingPlan
+from latentcell.module import SAMPLER_METHODS
+from latentcell.module._counts import sample_counts
+
+#: ``obs`` column of predicted cells naming the input cell each prediction came from.
+SOURCE_CELL_KEY = "source_cell"
+
+
+class PerturbationMixin:
+    """Methods of :class:`~latentcell.LatentDiffusionModel` for registered perturbations."""
+
+    # ------------------------------------------------------------------ vocabulary
+    def _perturbation_state(self) -> dict | None:
+        """Perturbation settings from the registry, or ``None`` if none were registered.
+
+        The vocabulary is the embedding table when one was given, else one one-hot
+        direction per single perturbation seen in the training data.
+        """
+        args = self.registry_["setup_args"]
+        key = args.get("perturbation_key")
+        if key is None:
+            return None
+        observed = [str(v) for v in self._field_state(PERTURBATION_FIELD)["categorical_mapping"]]
+        control, sep = str(args["control_value"]), str(args["perturbation_separator"])
+        emb = args.get("perturbation_embeddings")
+        if emb:
+            names = [str(n) for n in emb["names"]]
+            matrix = np.asarray(emb["values"], dtype=np.float32)
+        else:
+            names = sorted({c for v in observed if v != control for c in v.split(sep) if c})
+            matrix = np.eye(len(names), dtype=np.float32)
+        return {
+            "key": key,
+            "control": control,
+            "separator": sep,
+            "dose_key": args.get("dose_key"),
+            "observed": observed,
+            "names": names,
+            "matrix": matrix,
+            "has_embeddings": bool(emb),
+        }
+
+    def _perturbation_vectors(self, values: Sequence[str], doses=None) -> np.ndarray:
+        """Condition vectors: the summed component vectors, then ``log1p(dose)`` if registered.
+
+        Raises
+        ------
+        ValueError
+            For a perturbation with a component that has no vector, naming the known ones.
+        """
+        state = self._perturbation_state()
+        index = {n: i for i, n in enumerate(state["names"])}
+        unique = pd.unique(np.asarray(values, dtype=object))
+        table = {}
+        for value in unique:
+            value = str(value)
+            vec = np.zeros(state["matrix"].shape[1], dtype=np.float32)
+            if value != state["control"]:
+                parts = [c for c in value.split(state["separator"]) if c]
+                unknown = [c for c in parts if c not in index]
+                if unknown or not parts:
+                    how = (
+                        "rows of perturbation_embeddings"
+                        if state["has_embeddings"]
+                        else "single perturbations seen in training (register "
+                        "perturbation_embeddings to predict unseen ones)"
+                    )
+                    raise ValueError(
+                        f"Cannot represent perturbation {value!r}: {unknown or [value]} not "
+                        f"among the {len(index)} {how}: {_preview(state['names'])}; the control "
+                        f"is {state['control']!r}."
+                    )
+                for c in parts:
+                    vec += state["matrix"][index[c]]
+            table[value] = vec
+        out = np.stack([table[str(v)] for v in values]) if len(values) else np.zeros((0, 0))
+        if state["dose_key"] is not None:
+            doses = np.zeros(len(values)) if doses is None else np.asarray(doses, dtype=float)
+            if (doses < 0).any() or not np.isfinite(doses).all():
+                raise ValueError("Doses must be finite and non-negative.")
+            out = np.concatenate([out, np.log1p(doses)[:, None]], axis=1)
+        return out.astype(np.float32)
+
+    def _perturbation_codes(self, adata: AnnData) -> tuple[np.ndarray, np.ndarray | None]:
+        """Perturbation label and dose of every cell of a registered AnnData."""
+        state = self._perturbation_state()
+        manager = self.get_anndata_manager(adata, required=True)
+        codes = np.asarray(manager.get_from_registry(PERTURBATION_FIELD)).ravel().astype(int)
+        labels = np.asarray(state["observed"], dtype=object)[codes]
+        doses = None
+        if state["dose_key"] is not None:
+            doses = np.asarray(manager.get_from_registry(DOSE_FIELD), dtype=float).ravel()
+        return labels, doses
+
+    # ------------------------------------------------------------------ training
+    def _train_perturbation(
+        self,
+        max_epochs,
+        accelerator,
+        devices,
+        train_size,
+        validation_size,
+        batch_size,
+        early_stopping,
+        patience,
+        lr,
+        plan_kwargs,
+        trainer_kwargs,
+    ) -> None:
+        self._check_stage("vae", "train the perturbation flow")
+        state = self._perturbation_state()
+        if state is None:
+            raise ValueError(
+                "No perturbation is registered: call setup_anndata(..., perturbation_key=..., "
+                "control_value=...) before training stage='perturbation'."
+            )
+        adata = self.adata
+        self.module.vae.eval()
+        z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
+        labels, doses = self._perturbation_codes(adata)
+        condition = torch.as_tensor(self._perturbation_vectors(labels, doses))
+        codes = self._registered_codes(adata)
+        n_batch = int(codes["batch"].max()) + 1
+        groups = codes["labels"].astype(np.int64) * n_batch + codes["batch"]
+        perturbation_codes = pd.factorize(pd.Series(labels, dtype=object))[0]
+        is_control = labels == state["control"]
+        if is_control.all() or not is_control.any():
+            raise ValueError(
+                f"Training the perturbation flow needs both control cells ({state['control']!r})"
+                f" and perturbed cells in adata.obs[{state['key']!r}]."
+            )
+        flow = self.module.perturbation_flow
+        flow.set_scaling(z.to(flow.latent_mean.device))
+        train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
+        batch_size = batch_size or 256
+        data = PairedLatentDataModule(
+            z,
+            condition,
+            groups,
+            perturbation_codes,
+            is_control,
+            train_idx,
+            val_idx,
+            batch_size=batch_size,
+            seed=settings.seed or 0,
+        )
+        n_pairs = data.train_set.n_pairs
+        if not len(data.train_set.pair_fn(np.random.default_rng(0))[0]):
+            raise ValueError(
+                "No group (label x batch) has both control and perturbed training cells, so "
+                "there is nothing to learn from; check labels_key/batch_key."
+            )
+        steps_per_epoch = max(1, math.ceil(n_pairs / batch_size))
+        target_steps = max(3000, adata.n_obs // 50)
+        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
+        if early_stopping and data.n_val == 0:
+            early_stopping = False
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", "perturbation_loss_validation")
+            trainer_kwargs.setdefault(
+                "early_stopping_patience", patience or max(50, max_epochs // 5)
+            )
+            trainer_kwargs.setdefault(
+                "early_stopping_warmup_epochs",
+                min(max_epochs // 2, math.ceil(1500 / steps_per_epoch)),
+            )
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
+        plan = FlowTrainingPlan(flow, lr=lr, metric_name="perturbation_loss", **plan_kwargs)
+        flow.train()
+        self._run("perturbation", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
+        self._set_trained("perturbation")
+
+    # ------------------------------------------------------------------ queries
+    def _latent_shift(self, values: np.ndarray) -> np.ndarray:
+        """scGen-style latent arithmetic: per-label mean shift from control, averaged.
+
+        For each perturbation seen in training, the shift is the mean latent of its cells
+        minus the mean latent of the control cells of the same label (and batch), averaged
+        over the groups that have both; an unseen combination gets the sum of its
+        components' shifts.
+        """
+        if self.adata is None:
+            raise ValueError("strategy='latent_shift' needs the training AnnData; load with adata.")
+        state = self._perturbation_state()
+        z = self._latent_means(self.adata, batch_size=1024)
+        labels, _ = self._perturbation_codes(self.adata)
+        codes = self._registered_codes(self.adata)
+        groups = codes["labels"] * (int(codes["batch"].max()) + 1) + codes["batch"]
+        control = labels == state["control"]
+        cache: dict[str, np.ndarray] = {}
+
+        def shift(value: str) -> np.ndarray:
+            if value in cache:
+                return cache[value]
+            if value == state["control"]:
+                out = np.zeros(z.shape[1])
+            elif value in set(labels):
+                deltas = [
+                    z[(labels == value) & (groups == g)].mean(0)
+                    - z[control & (groups == g)].mean(0)
+                    for g in np.unique(groups[labels == value])
+                    if (control & (groups == g)).any()
+                ]
+                if not deltas:
+                    deltas = [z[labels == value].mean(0) - z[control].mean(0)]
+                out = np.mean(deltas, axis=0)
+            else:
+                parts = [c for c in value.split(state["separator"]) if c]
+                unseen = [c for c in parts if c not in set(labels)]
+                if unseen or len(parts) < 2:
+                    raise ValueError(
+                        f"strategy='latent_shift' needs perturbation {value!r} (or each of its "
+                        f"components) in the training data; {unseen or [value]} never occur. "
+                        f"Seen: {_preview(sorted(set(labels)))}."
+                    )
+                out = np.sum([shift(c) for c in parts], axis=0)
+            cache[value] = out
+            return out
+
+        return np.stack([shift(str(v)) for v in values]).astype(np.float32)
+
+    def predict_perturbation(
+        self,
+        adata: AnnData | None = None,
+        perturbation: str | Sequence[str] | None = None,
+        dose: float | Sequence[float] | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples_per_cell: int = 1,
+        strategy: Literal["flow", "latent_shift"] = "flow",
+        cfg_scale: float = 1.0,
+        n_steps: int = 20,
+        method: Literal["euler", "midpoint", "heun"] = "midpoint",
+        seed: int | None = None,
+        batch_size: int = 1024,
+        progress_bar: bool = True,
+    ) -> AnnData:
+        """Predict how cells respond to a perturbation, one counterfactual per input cell.
+
+        Each input cell is encoded by the VAE, carried through the perturbation flow under
+        the requested perturbation (an ODE from the cell's own latent, no noise), and decoded
+        with the cell's own library size, batch and covariates; counts are drawn from the
+        decoder's likelihood.
+
+        Parameters
+        ----------
+        adata
+            Cells to perturb, with the training genes and the registered ``obs`` columns.
+            ``None`` uses the control cells of the training data.
+        perturbation
+            The perturbation to apply (e.g. ``"stim"`` or ``"A+B"``), or one per input cell.
+            Components must have a vector: seen in training, or rows of the registered
+            ``perturbation_embeddings``.
+        dose
+            Dose (one value or one per cell) when a ``dose_key`` was registered; default
+            the mean training dose of that perturbation's cells, else 0.
+        indices
+            Subset of the cells of ``adata`` to perturb.
+        n_samples_per_cell
+            Count draws per input cell (the latent prediction is deterministic; draws differ
+            by the decoder's sampling noise).
+        strategy
+            ``"flow"`` (the trained perturbation flow) or ``"latent_shift"`` (scGen-style
+            latent arithmetic in the same VAE: add the mean control-to-perturbed latent shift
+            of the training labels; a baseline that needs no perturbation flow).
+        cfg_scale
+            Scale of the effect: ``v_0 + w (v_p - v_0)`` with ``v_0`` the no-perturbation
+            velocity; 1 is the learned response.
+        n_steps, method
+            ODE solver settings.
+        seed
+            Seed of the count draws.
+        batch_size
+            Cells per batch.
+        progress_bar
+            Show a progress bar.
+
+        Returns
+        -------
+        A new AnnData (the input is not modified): counts in ``.X`` (float32 CSR), decoded
+        means in ``layers['latentcell_mean']``, the input cells' ``obs`` with the
+        perturbation column set to the predicted perturbation and ``obs['source_cell']``
+        naming the input cell, predicted latents in ``obsm['X_latentcell']``, and the
+        settings in ``uns['latentcell']``.
+        """
+        state = self._perturbation_state()
+        if state is None:
+            raise ValueError(
+                "This model has no registered perturbation; set up the AnnData with "
+                "perturbation_key=... and control_value=..., then train."
+            )
+        if strategy not in ("flow", "latent_shift"):
+            raise ValueError(f"strategy must be 'flow' or 'latent_shift', got {strategy!r}.")
+        self._check_stage("perturbation" if strategy == "flow" else "vae", "predict perturbations")
+        if method not in SAMPLER_METHODS:
+            raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}.")
+        if perturbation is None:
+            raise ValueError(
+                f"Pass perturbation=...; perturbations seen in training: "
+                f"{_preview([v for v in state['observed'] if v != state['control']])}."
+            )
+        if n_samples_per_cell < 1:
+            raise ValueError(f"n_samples_per_cell must be >= 1, got {n_samples_per_cell}.")
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("This model holds no AnnData; pass the cells to perturb.")
+            adata = self.adata
+            if indices is None:
+                labels, _ = self._perturbation_codes(adata)
+                indices = np.flatnonzero(labels == state["control"])
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        n_src = len(indices)
+        if n_src == 0:
+            raise ValueError("No cells to perturb.")
+
+        values = _per_cell(perturbation, n_src, "perturbation")
+        doses = None
+        if state["dose_key"] is not None:
+            doses = self._default_doses(values) if dose is None else _per_cell(dose, n_src, "dose")
+        condition = self._perturbation_vectors(values, doses)
+        z = self._latent_means(adata, indices=indices, batch_size=batch_size)
+        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
+
+        device = self.module.device
+        rng = np.random.default_rng(seed)
+        if strategy == "flow":
+            flow = self.module.perturbation_flow
+            flow.eval()
+            n_batches = math.ceil(n_src / batch_size)
+            preds = []
+            with tqdm(
+                total=n_batches * n_steps, desc="Perturbing", disable=not progress_bar
+            ) as bar:
+                for start in range(0, n_src, batch_size):
+                    sl = slice(start, start + batch_size)
+                    preds.append(
+                        flow.transport(
+                            torch.as_tensor(z[sl]),
+                            torch.as_tensor(condition[sl]),
+                            n_steps=n_steps,
+                            method=method,
+                            cfg_scale=cfg_scale,
+                            callback=lambda _: bar.update(1),
+                        ).cpu()
+                    )
+            z_pred = torch.cat(preds).numpy()
+        else:
+            z_pred = z + self._latent_shift(values)
+
+        rep = np.repeat(np.arange(n_src), n_samples_per_cell)
+        counts, means = [], []
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.inference_mode(),
+        ):
+            torch.manual_seed(int(rng.integers(2**62)))
+            for start in range(0, len(rep), batch_size):
+                rows = rep[start : start + batch_size]
+                px = self._decode(
+                    torch.as_tensor(z_pred[rows], device=device),
+                    {k: v[rows] for k, v in codes.items()},
+                )
+                counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
+                means.append(px.mean.cpu().numpy().astype(np.float32))
+
+        src_obs = adata.obs.iloc[indices]
+        obs = src_obs.iloc[rep].copy()
+        obs = obs.drop(columns=[c for c in obs.columns if c.startswith("_scvi")])
+        obs[SOURCE_CELL_KEY] = src_obs.index.to_numpy()[rep]
+        obs[state["key"]] = pd.Categorical(np.asarray(values, dtype=object)[rep].astype(str))
+        if doses is not None:
+            obs[state["dose_key"]] = np.asarray(doses, dtype=float)[rep]
+        if n_samples_per_cell > 1:
+            obs.index = [f"{name}-{k % n_samples_per_cell}" for k, name in enumerate(obs.index)]
+        out = AnnData(
+            X=sparse.vstack(counts).tocsr(),
+            obs=obs,
+            var=pd.DataFrame(index=pd.Index(self.var_names_)),
+        )
+        if self.adata is not None:
+            out.var = self.adata.var.copy()
+        out.layers[MEAN_LAYER] = np.concatenate(means)
+        out.obsm[LATENT_KEY] = z_pred[rep].astype(np.float32)
+        out.uns["latentcell"] = {
+            k: v
+            for k, v in dict(
+                task="predict_perturbation",
+                strategy=strategy,
+                cfg_scale=cfg_scale,
+                n_steps=n_steps,
+                method=method,
+                seed=seed,
+            ).items()
+            if v is not None
+        }
+        return out
+
+    def _default_doses(self, values: Sequence[str]) -> np.ndarray:
+        """Mean training dose of each perturbation's cells (0 for unseen ones)."""
+        if self.adata is None:
+            return np.zeros(len(values))
+        labels, doses = self._perturbation_codes(self.adata)
+        means = pd.Series(doses).groupby(labels).mean()
+        return np.array([float(means.get(str(v), 0.0)) for v in values])
+
+
+def _per_cell(value, n: int, name: str) -> np.ndarray:
+    """Broadcast one value, or check a sequence of one value per cell."""
+    if isinstance(value, str) or np.ndim(value) == 0:
+        return np.full(n, value, dtype=object if isinstance(value, str) else float)
+    arr = np.asarray(value, dtype=object if name == "perturbation" else float)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} values for {n} cells; pass one or one per cell.")
+    return arr
+
+
+def _preview(names: Sequence[str], k: int = 10) -> str:
+    names = list(names)
+    more = f" ... ({len(names)} in all)" if len(names) > k else ""
+    return ", ".join(repr(n) for n in names[:k]) + more
+
+
+__all__ = ["SOURCE_CELL_KEY", "PerturbationMixin"]
