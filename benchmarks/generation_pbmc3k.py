@@ -19,13 +19,19 @@ Rows, all from this one run:
 - gene-space flow (no VAE): the same denoiser family (MLP, 128 hidden, 4 layers,
   label-conditioned rectified flow, same training recipe) trained directly on the
   log1p(CP10k) of the 2000 HVGs (``benchmarks/_gene_flow.py``); its cells are
-  ``expm1`` of the generated values, which the metrics renormalise per cell.
+  ``expm1`` of the generated values, which the metrics renormalise per cell;
+- latentcell (ddpm objective): the default model with ``objective="ddpm"`` (noise
+  prediction, cosine schedule), sampled with 50 DDIM steps.
 
 Each row's fit time is in the table. Steps-vs-quality curve (``steps_curve`` in the JSON): the
 default latentcell model sampled with Euler at 1, 2, 4, 8, 16 and 50 steps, midpoint and Heun
 at 1, 2, 4, 8, 25 and 50 steps (midpoint 50 is the model's default), each with energy
 distance, kNN accuracy, label accuracy and the wall time of ``model.sample`` (flow, decoder
-and count sampling; run ``latentcell.pl.steps_quality`` on it for a plot).
+and count sampling; run ``latentcell.pl.steps_quality`` on it for a plot), plus the DDPM
+model with DDIM at 1-50 steps. Guidance curve (``cfg_curve``): energy, kNN and label accuracy
+against the classifier-free guidance scale (0, 1, 1.5, 2, 3) for the default condition
+dropout (0.1 of cells lose all conditions, each condition is also dropped with 0.1) and for
+a model trained with both at 0.2.
 
 Usage: ``python benchmarks/generation_pbmc3k.py [--seed 0] [--device cuda|cpu]
 [--out benchmarks/results] [--quick]`` (data from ``../shared/data``, or the folder in
@@ -65,6 +71,11 @@ STEPS_CURVE = {
     "heun": (1, 2, 4, 8, 25, 50),
 }
 QUICK_STEPS_CURVE = {"euler": (1, 2, 4, 8, 16, 50), "midpoint": (50,)}
+#: DDIM steps of the DDPM-objective model (same denoiser, same data).
+DDIM_STEPS = (1, 2, 4, 8, 16, 50)
+#: Classifier-free guidance scales, for the default condition dropout and a doubled one.
+CFG_SCALES = (0.0, 1.0, 1.5, 2.0, 3.0)
+CFG_DROPOUTS = ((0.1, 0.1), (0.2, 0.2))
 #: Epochs of every stage with --quick.
 QUICK_EPOCHS = 2
 CURVE_METRICS = ("energy", "knn_accuracy", "label_accuracy")
@@ -162,7 +173,7 @@ def steps_curve(model, train, test, space, seed, settings) -> list[dict]:
                 {
                     "method": method,
                     "n_steps": n_steps,
-                    "n_evals": n_steps * (1 if method == "euler" else 2),
+                    "n_evals": n_steps * (1 if method in ("euler", "ddim") else 2),
                     **{k: float(r[k]) for k in CURVE_METRICS},
                     "seconds": round(seconds, 3),
                     "cells_per_s": round(cells.n_obs / seconds, 1),
@@ -170,6 +181,29 @@ def steps_curve(model, train, test, space, seed, settings) -> list[dict]:
                 }
             )
     return curve
+
+
+def cfg_curve(model, train, test, space, seed, scales, dropout) -> list[dict]:
+    """Label accuracy and distances of one model against the guidance scale."""
+    from latentcell.metrics import evaluate_generation
+
+    out = []
+    for scale in scales:
+        cells = model.sample(
+            conditions=test.obs[[LABELS]], seed=seed, cfg_scale=scale, progress_bar=False
+        )
+        r = evaluate_generation(
+            test, cells, labels_key=LABELS, space=space, seed=seed, reference=train
+        )
+        out.append(
+            {
+                "p_uncond": dropout[0],
+                "p_drop_attr": dropout[1],
+                "cfg_scale": scale,
+                **{k: float(r[k]) for k in CURVE_METRICS},
+            }
+        )
+    return out
 
 
 def main(argv=None) -> dict:
@@ -231,6 +265,24 @@ def main(argv=None) -> dict:
     )
     gene_fit = time.time() - t0
     gen_gene = gene_flow.sample(conditions, seed=args.seed)
+    t0 = time.time()
+    scvi.settings.seed = args.seed
+    ddpm = lc.LatentDiffusionModel(train, objective="ddpm")
+    ddpm.train(seed=args.seed, accelerator=accelerator, enable_progress_bar=False, **lc_epochs)
+    ddpm_fit = time.time() - t0
+    gen_ddpm = ddpm.sample(conditions=conditions, seed=args.seed, progress_bar=False)
+    cfg = []
+    for dropout in CFG_DROPOUTS:
+        if dropout == (0.1, 0.1):
+            guided = model
+        else:
+            scvi.settings.seed = args.seed
+            guided = lc.LatentDiffusionModel(train, p_uncond=dropout[0], p_drop_attr=dropout[1])
+            guided.train(
+                seed=args.seed, accelerator=accelerator, enable_progress_bar=False, **lc_epochs
+            )
+        scales = (1.0, 2.0) if args.quick else CFG_SCALES
+        cfg.append((guided, dropout, scales))
     post, prior, scvi_fit, scvi_epochs = scvi_baselines(
         train, test, args.seed, accelerator=accelerator, max_epochs=epochs
     )
@@ -244,6 +296,7 @@ def main(argv=None) -> dict:
         "latentcell VAE prior (no flow)": ldm_fit,
         "gene-space flow (no VAE)": gene_fit,
         "latentcell (dit denoiser)": dit_fit,
+        "latentcell (ddpm objective, 50 DDIM steps)": ddpm_fit,
         "latentcell": ldm_fit,
     }
     rows_out = {}
@@ -254,6 +307,7 @@ def main(argv=None) -> dict:
         ("latentcell VAE prior (no flow)", vae_prior),
         ("gene-space flow (no VAE)", gen_gene),
         ("latentcell (dit denoiser)", gen_dit),
+        ("latentcell (ddpm objective, 50 DDIM steps)", gen_ddpm),
         ("latentcell", gen),
     ]:
         rows_out[name] = evaluate_generation(
@@ -264,6 +318,14 @@ def main(argv=None) -> dict:
     curve = steps_curve(
         model, train, test, space, args.seed, QUICK_STEPS_CURVE if args.quick else STEPS_CURVE
     )
+    curve += steps_curve(
+        ddpm, train, test, space, args.seed, {"ddim": (1, 8, 50) if args.quick else DDIM_STEPS}
+    )
+    guidance = [
+        row
+        for guided, dropout, scales in cfg
+        for row in cfg_curve(guided, train, test, space, args.seed, scales, dropout)
+    ]
     null = real_vs_real_null(test, n_repeats=1 if args.quick else 5, seed=args.seed, space=space)
     result = {
         "dataset": "pbmc3k (2638 cells; 2000 HVGs)",
@@ -275,11 +337,13 @@ def main(argv=None) -> dict:
         "results": rows_out,
         "real_vs_real_null_halves_of_test": null,
         "steps_curve": curve,
+        "cfg_curve": guidance,
         "timing_seconds": {
             "latentcell_fit": round(ldm_fit, 1),
             "latentcell_sample": round(sample_time, 2),
             "latentcell_dit_fit": round(dit_fit, 1),
             "gene_flow_fit": round(gene_fit, 1),
+            "ddpm_fit": round(ddpm_fit, 1),
             "scvi_fit": round(scvi_fit, 1),
         },
         "latentcell_epochs": {
@@ -294,7 +358,10 @@ def main(argv=None) -> dict:
     (out / "generation_pbmc3k.json").write_text(json.dumps(result, indent=2, default=float))
     table = markdown_table(rows_out)
     curve_table = steps_table(curve)
-    (out / "generation_pbmc3k.md").write_text(table + "\n\n" + curve_table + "\n")
+    cfg_table = guidance_table(guidance)
+    (out / "generation_pbmc3k.md").write_text(
+        table + "\n\n" + curve_table + "\n\n" + cfg_table + "\n"
+    )
     print(table)
     print(
         f"real-vs-real null (random halves of held-out cells): energy "
@@ -307,6 +374,8 @@ def main(argv=None) -> dict:
     )
     print()
     print(curve_table)
+    print()
+    print(cfg_table)
     print(f"results written to {out}")
     return result
 
@@ -322,6 +391,19 @@ def markdown_table(rows: dict) -> str:
         lines.append(
             f"| {name} | {r['energy']:.3f} | {r['mmd']:.4f} | "
             f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} | {fit} |"
+        )
+    return "\n".join(lines)
+
+
+def guidance_table(rows: list[dict]) -> str:
+    lines = [
+        "| condition dropout (all, each) | cfg scale | energy | kNN acc (0.5 ideal) | label acc |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['p_uncond']}, {r['p_drop_attr']} | {r['cfg_scale']} | {r['energy']:.3f} | "
+            f"{r['knn_accuracy']:.3f} | {r['label_accuracy']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -26,3 +26,16 @@ def test_real_vs_generated_umap_requires_color_in_both(trained):
         lc.pl.real_vs_generated_umap(real, gen, color="cell_type")
     fig = lc.pl.real_vs_generated_umap(real, gen, color="batch", return_fig=True)
     assert fig.latentcell_embedding.n_obs == real.n_obs + 30
+
+
+def test_mean_expression_scatter_titles_and_highlights():
+    adata = lc.datasets.synthetic_perturbation(n_cells=300, n_genes=40, seed=0)
+    control = adata[adata.obs["condition"] == "ctrl"].copy()
+    true = adata[adata.obs["condition"] == "A"].copy()
+    fig = lc.pl.mean_expression_scatter(true, true, control, top_k=10, return_fig=True)
+    ax = fig.axes[0]
+    assert "R² all genes 1.000" in ax.get_title() and "top 10 DE 1.000" in ax.get_title()
+    assert len(ax.collections) == 2  # all genes, then the highlighted top genes
+    assert ax.collections[1].get_offsets().shape == (10, 2)
+    fig = lc.pl.mean_expression_scatter(control, true, return_fig=True)
+    assert len(fig.axes[0].collections) == 1 and "DE" not in fig.axes[0].get_title()

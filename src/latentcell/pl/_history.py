@@ -9,10 +9,19 @@ _PANELS = (
     ("VAE (stage 1)", "elbo_train", "elbo_validation", "negative ELBO"),
     ("flow (stage 2)", "flow_loss_train", "flow_loss_validation", "flow-matching loss"),
 )
+_PERTURBATION_PANEL = (
+    "perturbation flow (stage 3)",
+    "perturbation_loss_train",
+    "perturbation_loss_validation",
+    "flow-matching loss",
+)
 
 
 def training_history(model, ax=None, return_fig: bool = False):
-    """Plot the training and validation curves of both stages of a model.
+    """Plot the training and validation curves of every stage of a model.
+
+    Two panels (VAE and latent flow), and a third for the perturbation flow when the model
+    has trained one.
 
     Parameters
     ----------
@@ -20,7 +29,7 @@ def training_history(model, ax=None, return_fig: bool = False):
         A trained :class:`~latentcell.LatentDiffusionModel` (anything with a ``history``
         dict of per-epoch DataFrames works).
     ax
-        Two matplotlib axes to draw into; ``None`` creates a figure.
+        Matplotlib axes to draw into, one per panel; ``None`` creates a figure.
     return_fig
         Return the figure instead of ``None``.
 
@@ -31,11 +40,12 @@ def training_history(model, ax=None, return_fig: bool = False):
     history = model.history
     if not history:
         raise ValueError("The model has no training history yet; call model.train() first.")
+    panels = _PANELS + ((_PERTURBATION_PANEL,) if _PERTURBATION_PANEL[1] in history else ())
     if ax is None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        fig, ax = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
     else:
         fig = np.ravel(ax)[0].figure
-    for axis, (title, train_key, val_key, ylabel) in zip(np.ravel(ax), _PANELS, strict=False):
+    for axis, (title, train_key, val_key, ylabel) in zip(np.ravel(ax), panels, strict=False):
         for key, style in ((train_key, "-"), (val_key, "--")):
             if key in history:
                 frame = history[key]
