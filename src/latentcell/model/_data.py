@@ -232,8 +232,8 @@ def ot_pairs(
     and cut into chunks of at most ``chunk_size``; each chunk is matched one to one with as
     many controls drawn from the group (without replacement where there are enough) by
     minimising the summed squared distance (:func:`scipy.optimize.linear_sum_assignment`).
-    Control cells are paired with controls too (identity pairs). Groups without controls
-    contribute nothing.
+    Each control cell is also paired with itself (an identity pair: no perturbation, no
+    movement). Groups without controls contribute nothing.
 
     Parameters
     ----------
@@ -264,7 +264,9 @@ def ot_pairs(
         controls = members[is_control[members]]
         if controls.size == 0:
             continue
-        for p in np.unique(perturbations[members]):
+        sources.append(controls)
+        targets.append(controls)
+        for p in np.unique(perturbations[members[~is_control[members]]]):
             tgt = rng.permutation(members[perturbations[members] == p])
             for start in range(0, tgt.size, chunk_size):
                 chunk = tgt[start : start + chunk_size]

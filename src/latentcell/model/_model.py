@@ -231,6 +231,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         self.trained_stages_: list[str] = []
         self.stage_history_: dict[str, dict] = {}
         self.reference_: dict[str, np.ndarray] = {}
+        self.perturbation_summary_: dict = {}
         self.var_names_ = self._registry_var_names()
         self._model_summary_string = (
             f"LatentDiffusionModel: n_latent={n_latent}, gene_likelihood={gene_likelihood}, "
@@ -406,9 +407,9 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         return cat.astype(np.int64), codes["cont_covs"].astype(np.float32)
 
     # ------------------------------------------------------------------ checks
-    def _check_stage(self, stage: Literal["vae", "flow"], action: str) -> None:
+    def _check_stage(self, stage: Literal["vae", "flow", "perturbation"], action: str) -> None:
         if stage not in self.trained_stages_:
-            needed = "model.train()" if stage == "vae" else "model.train() (or train(stage='flow'))"
+            needed = "model.train()" + ("" if stage == "vae" else f" (or train(stage={stage!r}))")
             raise RuntimeError(
                 f"Cannot {action}: the {stage.upper()} stage of this model has not been trained. "
                 f"Call {needed} first."
@@ -517,6 +518,8 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             raise ValueError("This model holds no AnnData; load it with adata=... to train.")
         if seed is not None:
             settings.seed = seed
+        if stage == "perturbation" or (stage is None and self._perturbation_state()):
+            self._check_perturbation_data()
         if stage in (None, "vae"):
             self._train_vae(
                 max_epochs,
@@ -648,6 +651,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         self._run("vae", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
         # library sizes and covariates of the training cells, drawn from when sampling
         self.reference_ = {k: np.asarray(v) for k, v in self._registered_codes(self.adata).items()}
+        self.perturbation_summary_ = self._summarize_perturbations()
         self.trained_stages_ = ["vae"]
 
     @torch.inference_mode()
@@ -1130,6 +1134,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             "registry": self.registry_,
             "var_names": np.asarray(self.var_names_, dtype=object),
             "trained_stages": list(self.trained_stages_),
+            "perturbation_summary": self.perturbation_summary_,
             "stage_history": self.stage_history_,
             "train_indices": self.train_indices,
             "validation_indices": self.validation_indices,
@@ -1196,6 +1201,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         model.module.load_state_dict(tensors["module"])
         model.reference_ = {k: v.numpy() for k, v in tensors["reference"].items()}
         model.trained_stages_ = list(metadata["trained_stages"])
+        model.perturbation_summary_ = metadata.get("perturbation_summary") or {}
         model.stage_history_ = metadata["stage_history"]
         model.history_ = model._merged_history()
         model.is_trained_ = bool(model.trained_stages_)

@@ -68,6 +68,10 @@ class PerturbationMixin:
         """
         state = self._perturbation_state()
         index = {n: i for i, n in enumerate(state["names"])}
+        seen = self.perturbation_summary_.get("seen_singles")
+        if not state["has_embeddings"] and seen is not None:
+            # one-hot directions of categories without training cells were never trained
+            index = {n: i for n, i in index.items() if n in set(seen)}
         unique = pd.unique(np.asarray(values, dtype=object))
         table = {}
         for value in unique:
@@ -85,7 +89,7 @@ class PerturbationMixin:
                     )
                     raise ValueError(
                         f"Cannot represent perturbation {value!r}: {unknown or [value]} not "
-                        f"among the {len(index)} {how}: {_preview(state['names'])}; the control "
+                        f"among the {len(index)} {how}: {_preview(list(index))}; the control "
                         f"is {state['control']!r}."
                     )
                 for c in parts:
@@ -110,6 +114,74 @@ class PerturbationMixin:
             doses = np.asarray(manager.get_from_registry(DOSE_FIELD), dtype=float).ravel()
         return labels, doses
 
+    def _summarize_perturbations(self) -> dict:
+        """Summarise what the training data say about each perturbation, to keep with the model.
+
+        Recorded after the VAE stage and saved with the model, so that queries do not need
+        the training data: the perturbations with training cells (and their components), the
+        mean dose of each, and the scGen-style latent shift of each (mean latent of its
+        cells minus mean latent of the controls of the same label and batch, averaged over
+        the groups that have both).
+        """
+        state = self._perturbation_state()
+        if state is None:
+            return {}
+        labels, doses = self._perturbation_codes(self.adata)
+        z = self._latent_means(self.adata, batch_size=1024)
+        groups = self._perturbation_groups(self.adata)
+        control = labels == state["control"]
+        seen = sorted({str(v) for v in labels if v != state["control"]})
+        shifts, mean_dose = {}, {}
+        for value in seen:
+            cells = labels == value
+            deltas = [
+                z[cells & (groups == g)].mean(0) - z[control & (groups == g)].mean(0)
+                for g in np.unique(groups[cells])
+                if (control & (groups == g)).any()
+            ]
+            if not deltas and control.any():
+                deltas = [z[cells].mean(0) - z[control].mean(0)]
+            if deltas:
+                shifts[value] = np.mean(deltas, axis=0).astype(float).tolist()
+            if doses is not None:
+                mean_dose[value] = float(doses[cells].mean())
+        return {
+            "seen": seen,
+            "seen_singles": sorted({c for v in seen for c in v.split(state["separator"]) if c}),
+            "mean_dose": mean_dose,
+            "latent_shift": shifts,
+        }
+
+    def _perturbation_groups(self, adata: AnnData) -> np.ndarray:
+        """Context of every cell: its label and batch, as one integer code."""
+        codes = self._registered_codes(adata)
+        n_batch = int(self.summary_stats.n_batch)
+        return codes["labels"].astype(np.int64) * n_batch + codes["batch"].astype(np.int64)
+
+    def _check_perturbation_data(self) -> None:
+        """Fail before any training when the perturbation stage would have nothing to learn."""
+        state = self._perturbation_state()
+        if state is None:
+            raise ValueError(
+                "No perturbation is registered: call setup_anndata(..., perturbation_key=..., "
+                "control_value=...) before training stage='perturbation'."
+            )
+        labels, _ = self._perturbation_codes(self.adata)
+        control = labels == state["control"]
+        if control.all() or not control.any():
+            raise ValueError(
+                f"Training the perturbation flow needs both control cells ({state['control']!r})"
+                f" and perturbed cells in adata.obs[{state['key']!r}]; found "
+                f"{int(control.sum())} controls of {len(labels)} cells."
+            )
+        groups = self._perturbation_groups(self.adata)
+        if not np.intersect1d(groups[control], groups[~control]).size:
+            raise ValueError(
+                "No group (label x batch) has both control and perturbed cells, so there is "
+                "nothing to learn from: each perturbed cell is paired with controls of its own "
+                "label and batch. Check labels_key/batch_key."
+            )
+
     # ------------------------------------------------------------------ training
     def _train_perturbation(
         self,
@@ -126,27 +198,16 @@ class PerturbationMixin:
         trainer_kwargs,
     ) -> None:
         self._check_stage("vae", "train the perturbation flow")
+        self._check_perturbation_data()
         state = self._perturbation_state()
-        if state is None:
-            raise ValueError(
-                "No perturbation is registered: call setup_anndata(..., perturbation_key=..., "
-                "control_value=...) before training stage='perturbation'."
-            )
         adata = self.adata
         self.module.vae.eval()
         z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
         labels, doses = self._perturbation_codes(adata)
         condition = torch.as_tensor(self._perturbation_vectors(labels, doses))
-        codes = self._registered_codes(adata)
-        n_batch = int(codes["batch"].max()) + 1
-        groups = codes["labels"].astype(np.int64) * n_batch + codes["batch"]
+        groups = self._perturbation_groups(adata)
         perturbation_codes = pd.factorize(pd.Series(labels, dtype=object))[0]
         is_control = labels == state["control"]
-        if is_control.all() or not is_control.any():
-            raise ValueError(
-                f"Training the perturbation flow needs both control cells ({state['control']!r})"
-                f" and perturbed cells in adata.obs[{state['key']!r}]."
-            )
         flow = self.module.perturbation_flow
         flow.set_scaling(z.to(flow.latent_mean.device))
         train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
@@ -163,11 +224,6 @@ class PerturbationMixin:
             seed=settings.seed or 0,
         )
         n_pairs = data.train_set.n_pairs
-        if not len(data.train_set.pair_fn(np.random.default_rng(0))[0]):
-            raise ValueError(
-                "No group (label x batch) has both control and perturbed training cells, so "
-                "there is nothing to learn from; check labels_key/batch_key."
-            )
         steps_per_epoch = max(1, math.ceil(n_pairs / batch_size))
         target_steps = max(3000, adata.n_obs // 50)
         max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
@@ -192,52 +248,30 @@ class PerturbationMixin:
 
     # ------------------------------------------------------------------ queries
     def _latent_shift(self, values: np.ndarray) -> np.ndarray:
-        """scGen-style latent arithmetic: per-label mean shift from control, averaged.
+        """scGen-style latent arithmetic from the shifts recorded after the VAE stage.
 
-        For each perturbation seen in training, the shift is the mean latent of its cells
-        minus the mean latent of the control cells of the same label (and batch), averaged
-        over the groups that have both; an unseen combination gets the sum of its
-        components' shifts.
+        A perturbation with training cells gets its recorded shift; an unseen combination of
+        seen perturbations gets the sum of its components' shifts.
         """
-        if self.adata is None:
-            raise ValueError("strategy='latent_shift' needs the training AnnData; load with adata.")
         state = self._perturbation_state()
-        z = self._latent_means(self.adata, batch_size=1024)
-        labels, _ = self._perturbation_codes(self.adata)
-        codes = self._registered_codes(self.adata)
-        groups = codes["labels"] * (int(codes["batch"].max()) + 1) + codes["batch"]
-        control = labels == state["control"]
-        cache: dict[str, np.ndarray] = {}
-
-        def shift(value: str) -> np.ndarray:
-            if value in cache:
-                return cache[value]
+        shifts = self.perturbation_summary_.get("latent_shift", {})
+        n_latent = self.module.vae.n_latent
+        out = {}
+        for value in pd.unique(np.asarray(values, dtype=object)):
+            value = str(value)
             if value == state["control"]:
-                out = np.zeros(z.shape[1])
-            elif value in set(labels):
-                deltas = [
-                    z[(labels == value) & (groups == g)].mean(0)
-                    - z[control & (groups == g)].mean(0)
-                    for g in np.unique(groups[labels == value])
-                    if (control & (groups == g)).any()
-                ]
-                if not deltas:
-                    deltas = [z[labels == value].mean(0) - z[control].mean(0)]
-                out = np.mean(deltas, axis=0)
-            else:
-                parts = [c for c in value.split(state["separator"]) if c]
-                unseen = [c for c in parts if c not in set(labels)]
-                if unseen or len(parts) < 2:
-                    raise ValueError(
-                        f"strategy='latent_shift' needs perturbation {value!r} (or each of its "
-                        f"components) in the training data; {unseen or [value]} never occur. "
-                        f"Seen: {_preview(sorted(set(labels)))}."
-                    )
-                out = np.sum([shift(c) for c in parts], axis=0)
-            cache[value] = out
-            return out
-
-        return np.stack([shift(str(v)) for v in values]).astype(np.float32)
+                out[value] = np.zeros(n_latent)
+                continue
+            parts = [value] if value in shifts else value.split(state["separator"])
+            unseen = [c for c in parts if c not in shifts]
+            if unseen or not parts:
+                raise ValueError(
+                    f"strategy='latent_shift' needs perturbation {value!r} (or each of its "
+                    f"components) in the training data; {unseen or [value]} never occur. "
+                    f"Seen: {_preview(sorted(shifts))}."
+                )
+            out[value] = np.sum([shifts[c] for c in parts], axis=0)
+        return np.stack([out[str(v)] for v in values]).astype(np.float32)
 
     def predict_perturbation(
         self,
@@ -296,7 +330,9 @@ class PerturbationMixin:
 
         Returns
         -------
-        A new AnnData (the input is not modified): counts in ``.X`` (float32 CSR), decoded
+        A new AnnData (the input's data are not modified; a query AnnData not yet seen by the
+        model is registered, which adds scvi-tools' ``_scvi_*`` fields, as in every
+        scvi-tools query method): counts in ``.X`` (float32 CSR), decoded
         means in ``layers['latentcell_mean']``, the input cells' ``obs`` with the
         perturbation column set to the predicted perturbation and ``obs['source_cell']``
         naming the input cell, predicted latents in ``obsm['X_latentcell']``, and the
@@ -327,6 +363,8 @@ class PerturbationMixin:
             if indices is None:
                 labels, _ = self._perturbation_codes(adata)
                 indices = np.flatnonzero(labels == state["control"])
+        else:
+            self._check_query_columns(adata)
         adata = self._validate_anndata(adata)
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         n_src = len(indices)
@@ -337,13 +375,13 @@ class PerturbationMixin:
         doses = None
         if state["dose_key"] is not None:
             doses = self._default_doses(values) if dose is None else _per_cell(dose, n_src, "dose")
-        condition = self._perturbation_vectors(values, doses)
         z = self._latent_means(adata, indices=indices, batch_size=batch_size)
         codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
 
         device = self.module.device
         rng = np.random.default_rng(seed)
         if strategy == "flow":
+            condition = self._perturbation_vectors(values, doses)
             flow = self.module.perturbation_flow
             flow.eval()
             n_batches = math.ceil(n_src / batch_size)
@@ -415,12 +453,30 @@ class PerturbationMixin:
         }
         return out
 
+    def _check_query_columns(self, adata: AnnData) -> None:
+        """Name the registered ``obs`` columns a query lacks, before scvi-tools touches it."""
+        if self.get_anndata_manager(adata) is not None:
+            return
+        args = self.registry_["setup_args"]
+        keys = [
+            args.get("labels_key"),
+            args.get("batch_key"),
+            args.get("perturbation_key"),
+            args.get("dose_key"),
+            *(args.get("categorical_covariate_keys") or []),
+            *(args.get("continuous_covariate_keys") or []),
+        ]
+        missing = [k for k in keys if k is not None and k not in adata.obs]
+        if missing:
+            raise ValueError(
+                f"adata.obs lacks the registered column(s) {missing}. Add them (for control "
+                f"cells, e.g. adata.obs[{args.get('perturbation_key')!r}] = "
+                f"{args.get('control_value')!r}) and call again."
+            )
+
     def _default_doses(self, values: Sequence[str]) -> np.ndarray:
         """Mean training dose of each perturbation's cells (0 for unseen ones)."""
-        if self.adata is None:
-            return np.zeros(len(values))
-        labels, doses = self._perturbation_codes(self.adata)
-        means = pd.Series(doses).groupby(labels).mean()
+        means = self.perturbation_summary_.get("mean_dose", {})
         return np.array([float(means.get(str(v), 0.0)) for v in values])
 
 

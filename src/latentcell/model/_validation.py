@@ -139,6 +139,12 @@ def check_perturbation(
     -------
     ``None`` without embeddings, else ``{"names": [...], "values": [[...], ...]}``.
     """
+    if dose_key is not None and dose_key in adata.obs:
+        if not pd.api.types.is_numeric_dtype(adata.obs[dose_key]):
+            raise ValueError(
+                f"adata.obs[{dose_key!r}] must hold numeric doses, got dtype "
+                f"{adata.obs[dose_key].dtype}."
+            )
     check_obs_columns(adata, [perturbation_key], [dose_key] if dose_key else [])
     values = adata.obs[perturbation_key].astype(str)
     if control_value not in set(values):
