@@ -706,29 +706,69 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             n_attributes=flow.condition.n_attributes,
             seed=settings.seed or 0,
         )
-        steps_per_epoch = max(1, math.ceil(len(train_idx) / batch_size))
-        target_steps = max(4000, adata.n_obs // 50)
-        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
         if early_stopping and len(val_idx) == 0:
             raise ValueError("Early stopping of the flow needs validation cells; lower train_size.")
-        if early_stopping:
+        self._run_flow_stage(
+            "flow",
+            flow,
+            data,
+            n_items=len(train_idx),
+            min_steps=4000,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            patience=patience,
+            lr=lr,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+            accelerator=accelerator,
+            devices=devices,
+        )
+
+    def _run_flow_stage(
+        self,
+        stage: str,
+        flow,
+        data,
+        n_items: int,
+        min_steps: int,
+        max_epochs,
+        batch_size: int,
+        early_stopping: bool,
+        patience,
+        lr: float,
+        plan_kwargs: dict,
+        trainer_kwargs: dict,
+        accelerator,
+        devices,
+    ) -> None:
+        """Train a flow module (latent or perturbation) with the shared recipe.
+
+        About ``max(min_steps, n_cells / 50)`` optimisation steps (5 to 1000 epochs), AdamW,
+        early stopping on ``<stage metric>_validation`` with patience ``max(50, epochs // 5)``
+        and never within the first ~1500 steps: the DiT's validation loss can sit on a
+        plateau for its first few hundred steps (adaLN-Zero starts every block switched off).
+        """
+        metric = "flow_loss" if stage == "flow" else f"{stage}_loss"
+        steps_per_epoch = max(1, math.ceil(n_items / batch_size))
+        target_steps = max(min_steps, self.adata.n_obs // 50)
+        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
+        if early_stopping and data.n_val > 0:
             trainer_kwargs.setdefault("early_stopping", True)
-            trainer_kwargs.setdefault("early_stopping_monitor", "flow_loss_validation")
+            trainer_kwargs.setdefault("early_stopping_monitor", f"{metric}_validation")
             trainer_kwargs.setdefault(
                 "early_stopping_patience", patience or max(50, max_epochs // 5)
             )
-            # The DiT's validation loss can sit on a plateau for its first few hundred steps
-            # (adaLN-Zero starts every block switched off); never stop inside that window.
             trainer_kwargs.setdefault(
                 "early_stopping_warmup_epochs",
                 min(max_epochs // 2, math.ceil(1500 / steps_per_epoch)),
             )
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
-        plan = FlowTrainingPlan(flow, lr=lr, **plan_kwargs)
+        plan = FlowTrainingPlan(flow, lr=lr, metric_name=metric, **plan_kwargs)
         flow.train()
-        self._run("flow", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
-        self._set_trained("flow")
+        self._run(stage, plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
+        self._set_trained(stage)
 
     def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):
         """Reuse the VAE's train/validation split, so neither stage sees validation cells."""

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from latentcell._constants import DOSE_FIELD, LATENT_KEY, MEAN_LAYER, PERTURBATION_FIELD
 from latentcell.model._data import PairedLatentDataModule
-from latentcell.model._training import FlowTrainingPlan
 from latentcell.module import SAMPLER_METHODS
 from latentcell.module._counts import sample_counts
 
@@ -223,28 +222,22 @@ class PerturbationMixin:
             batch_size=batch_size,
             seed=settings.seed or 0,
         )
-        n_pairs = data.train_set.n_pairs
-        steps_per_epoch = max(1, math.ceil(n_pairs / batch_size))
-        target_steps = max(3000, adata.n_obs // 50)
-        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
-        if early_stopping and data.n_val == 0:
-            early_stopping = False
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping", True)
-            trainer_kwargs.setdefault("early_stopping_monitor", "perturbation_loss_validation")
-            trainer_kwargs.setdefault(
-                "early_stopping_patience", patience or max(50, max_epochs // 5)
-            )
-            trainer_kwargs.setdefault(
-                "early_stopping_warmup_epochs",
-                min(max_epochs // 2, math.ceil(1500 / steps_per_epoch)),
-            )
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
-        plan = FlowTrainingPlan(flow, lr=lr, metric_name="perturbation_loss", **plan_kwargs)
-        flow.train()
-        self._run("perturbation", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
-        self._set_trained("perturbation")
+        self._run_flow_stage(
+            "perturbation",
+            flow,
+            data,
+            n_items=data.train_set.n_pairs,
+            min_steps=3000,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            patience=patience,
+            lr=lr,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+            accelerator=accelerator,
+            devices=devices,
+        )
 
     # ------------------------------------------------------------------ queries
     def _latent_shift(self, values: np.ndarray) -> np.ndarray:
