@@ -2,7 +2,8 @@
 
 ``--device cuda`` is the same as ``--accelerator gpu`` (and ``--device cpu`` as
 ``--accelerator cpu``); either is passed on to every benchmark: generation on pbmc3k, speed,
-perturbation on Kang 2018 (seeds 0-2) and on synthetic data. Writes JSON and markdown under
+perturbation of a held-out cell type on Kang 2018 and Tal1 (seeds 0-2) and on synthetic
+data. Writes JSON and markdown under
 ``benchmarks/results`` and prints the tables. Not part of the test suite: speed is measured
 here, as ratios against baselines run in the same process.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import generation_pbmc3k
-import perturbation_kang
+import perturbation_celltype
 import perturbation_synthetic
 import speed
 from _cli import add_device_arguments, resolve_accelerator
@@ -27,7 +28,10 @@ def main() -> None:
     generation_pbmc3k.main(["--accelerator", accelerator, "--seed", str(args.seed)])
     n = "50000" if accelerator != "cpu" else "5000"
     speed.main(["--accelerator", accelerator, "--n-cells", n, "--n-sample", n])
-    perturbation_kang.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
+    for dataset in ("kang", "tal1"):
+        perturbation_celltype.main(
+            ["--accelerator", accelerator, "--dataset", dataset, "--seeds", "0", "1", "2"]
+        )
     perturbation_synthetic.main(["--accelerator", accelerator, "--seed", str(args.seed)])
 
 
