@@ -93,3 +93,26 @@ def test_flow_objective_rejects_ddim(trained):
     with pytest.raises(ValueError, match="for objective='flow'"):
         trained.sample(n_samples=3, method="ddim", progress_bar=False)
     assert lc.LatentDiffusionModel  # the public name stays importable
+
+
+def test_joint_fine_tuning_stage(synthetic):
+    LDM.setup_anndata(synthetic, layer="counts", labels_key="cell_type")
+    model = LDM(synthetic, **FAST_MODEL)
+    with pytest.raises(RuntimeError, match="FLOW stage"):
+        model.train(stage="joint", accelerator="cpu", enable_progress_bar=False)
+    model.train(**FAST_TRAIN)
+    elbo_before = model.history["elbo_train"].copy()
+    encoder_before = [p.detach().clone() for p in model.module.vae.z_encoder.parameters()]
+    model.train(stage="joint", joint_max_epochs=3, **FAST_TRAIN)
+    assert model.trained_stages_ == ["vae", "flow", "joint"]
+    # the VAE's own curves are kept; the joint stage's are prefixed
+    assert model.history["elbo_train"].equals(elbo_before)
+    assert {"joint_elbo_train", "joint_flow_loss_train"} <= set(model.history)
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(encoder_before, model.module.vae.z_encoder.parameters(), strict=True)
+    ]
+    assert any(changed)  # the flow loss reaches the encoder
+    assert not any(p.requires_grad for p in model.module.vae.parameters())
+    gen = model.sample(n_samples=10, n_steps=3, seed=0, progress_bar=False)
+    assert np.isfinite(gen.obsm["X_latentcell"]).all()

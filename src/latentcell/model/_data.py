@@ -127,6 +127,8 @@ class CountsDataModule(pl.LightningDataModule):
         Minibatch size.
     dense_limit_bytes
         Largest count matrix stored dense.
+    extra
+        Further per-cell tensors to serve with each batch (e.g. flow conditions).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class CountsDataModule(pl.LightningDataModule):
         val_idx: np.ndarray,
         batch_size: int = 128,
         dense_limit_bytes: int = 2**30,
+        extra: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.train_idx = np.asarray(train_idx)
@@ -143,7 +146,7 @@ class CountsDataModule(pl.LightningDataModule):
         self.test_idx = np.zeros(0, dtype=np.int64)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
         self.batch_size = batch_size
-        tensors = registered_tensors(adata_manager, dense_limit_bytes)
+        tensors = {**registered_tensors(adata_manager, dense_limit_bytes), **(extra or {})}
         self.train_set = _TensorDict(_rows(tensors, self.train_idx))
         self.val_set = _TensorDict(_rows(tensors, self.val_idx))
 

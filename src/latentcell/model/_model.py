@@ -52,6 +52,7 @@ from latentcell.module import (
     DIFFUSION_METHODS,
     OBJECTIVES,
     SAMPLER_METHODS,
+    JointModule,
     LatentFlow,
     PerturbationFlow,
 )
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 _CAT_COVS = REGISTRY_KEYS.CAT_COVS_KEY
 _CONT_COVS = REGISTRY_KEYS.CONT_COVS_KEY
 _LARGE = 100_000
-_STAGES = ("vae", "flow", "perturbation")
+_STAGES = ("vae", "flow", "joint", "perturbation")
 
 
 class LatentDiffusionModule(torch.nn.Module):
@@ -433,10 +434,12 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
     # ------------------------------------------------------------------ training
     def train(
         self,
-        stage: Literal["vae", "flow", "perturbation"] | None = None,
+        stage: Literal["vae", "flow", "joint", "perturbation"] | None = None,
         max_epochs: int | None = None,
         flow_max_epochs: int | None = None,
         perturbation_max_epochs: int | None = None,
+        joint_max_epochs: int = 30,
+        joint_flow_weight: float = 1.0,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 0.9,
@@ -467,12 +470,19 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             ``"vae"``, ``"flow"`` or ``"perturbation"`` to run one stage; ``None`` runs them
             all (the perturbation flow only when a ``perturbation_key`` was registered).
             Retraining the VAE invalidates the flows, which must then be retrained.
+            ``"joint"`` is an optional extra stage after the flow: the VAE and the flow
+            fine-tuned together on ELBO + ``joint_flow_weight`` x flow loss
+            (:class:`latentcell.module.JointModule`); it is not run by default (see the
+            pbmc3k benchmark for why) and invalidates a trained perturbation flow.
         max_epochs
             Maximum VAE epochs; default ``min(400, 400 * 20000 / n_cells)`` (scvi-tools'
             heuristic).
         flow_max_epochs
             Maximum flow epochs; default about ``max(4000, n_cells / 50)`` optimisation steps,
             between 5 and 1000 epochs.
+        joint_max_epochs, joint_flow_weight
+            Epochs (early stopping on the validation loss) and flow-loss weight of the
+            ``"joint"`` stage, which uses ``lr / 10``.
         perturbation_max_epochs
             Maximum epochs of the perturbation flow; default about ``max(3000, n_cells / 50)``
             optimisation steps. It shares ``flow_batch_size`` (default 256 pairs),
@@ -549,6 +559,17 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 early_stopping_patience,
                 flow_lr,
                 flow_plan_kwargs or {},
+                dict(trainer_kwargs),
+            )
+        if stage == "joint":
+            self._train_joint(
+                joint_max_epochs,
+                joint_flow_weight,
+                accelerator,
+                devices,
+                batch_size,
+                early_stopping,
+                lr / 10,
                 dict(trainer_kwargs),
             )
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
@@ -724,6 +745,57 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             accelerator=accelerator,
             devices=devices,
         )
+
+    def _train_joint(
+        self,
+        max_epochs: int,
+        flow_weight: float,
+        accelerator,
+        devices,
+        batch_size: int,
+        early_stopping: bool,
+        lr: float,
+        trainer_kwargs: dict,
+    ) -> None:
+        self._check_stage("flow", "fine-tune jointly")
+        cat, cont = self._flow_codes(self._registered_codes(self.adata))
+        train_idx, val_idx = self._flow_split(self.adata.n_obs, 0.9, None)
+        data = CountsDataModule(
+            self.adata_manager,
+            train_idx,
+            val_idx,
+            batch_size=batch_size,
+            extra={
+                FLOW_KEYS.COND_CAT: torch.as_tensor(cat),
+                FLOW_KEYS.COND_CONT: torch.as_tensor(cont),
+            },
+        )
+        joint = JointModule(self.module.vae, self.module.flow, flow_weight=flow_weight)
+        for p in joint.parameters():
+            p.requires_grad_(True)
+        if early_stopping and data.n_val:
+            trainer_kwargs.setdefault("early_stopping", True)
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+            trainer_kwargs.setdefault("early_stopping_patience", 10)
+        plan = TrainingPlan(joint, lr=lr, n_epochs_kl_warmup=None)
+        joint.train()
+        self._run("joint", plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
+        # keep the VAE's own curves: the joint stage logs the same metric names
+        self.stage_history_["joint"] = {
+            k if k.startswith("joint_") else f"joint_{k}": v
+            for k, v in self.stage_history_["joint"].items()
+        }
+        self.history_ = self._merged_history()
+        for p in self.module.vae.parameters():
+            p.requires_grad_(False)
+        if "perturbation" in self.trained_stages_:
+            # the perturbation flow was fit to the latent space before fine-tuning
+            self.trained_stages_.remove("perturbation")
+            self.module.perturbation_flow = PerturbationFlow(**self._perturbation_kwargs).to(
+                self.module.device
+            )
+        self.perturbation_summary_ = self._summarize_perturbations()
+        self._set_trained("joint")
 
     def _run_flow_stage(
         self,

@@ -9,6 +9,7 @@ from latentcell.module._diffusion import (
     predict_data,
 )
 from latentcell.module._flow import OBJECTIVES, LatentFlow
+from latentcell.module._joint import JointModule
 from latentcell.module._path import SAMPLER_METHODS, integrate, interpolate, target_velocity
 from latentcell.module._perturbation import PerturbationFlow
 
@@ -16,6 +17,7 @@ __all__ = [
     "DIFFUSION_METHODS",
     "OBJECTIVES",
     "SAMPLER_METHODS",
+    "JointModule",
     "LatentFlow",
     "PerturbationFlow",
     "cosine_alpha_bar",
