@@ -343,9 +343,11 @@ class PerturbationMixin:
         if method not in SAMPLER_METHODS:
             raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}.")
         if perturbation is None:
+            seen = self.perturbation_summary_.get("seen") or [
+                v for v in state["observed"] if v != state["control"]
+            ]
             raise ValueError(
-                f"Pass perturbation=...; perturbations seen in training: "
-                f"{_preview([v for v in state['observed'] if v != state['control']])}."
+                f"Pass perturbation=...; perturbations seen in training: {_preview(seen)}."
             )
         if n_samples_per_cell < 1:
             raise ValueError(f"n_samples_per_cell must be >= 1, got {n_samples_per_cell}.")
