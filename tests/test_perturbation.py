@@ -740,3 +740,19 @@ def test_query_of_a_bare_model_does_not_change_latent_shift(pert_model, tmp_path
     a = bare.predict_perturbation(_fresh(pert_model.adata, controls), **kw)
     b = pert_model.predict_perturbation(_fresh(pert_model.adata, controls), **kw)
     np.testing.assert_allclose(a.obsm["X_latentcell"], b.obsm["X_latentcell"], atol=1e-5)
+
+
+def test_residual_flow_starts_at_the_linear_shift():
+    adata = _data(n_cells=300, n_genes=20, perturbations=("A", "B"))
+    LDM.setup_anndata(adata, layer="counts", labels_key="cell_type", perturbation_key=KEY)
+    model = LDM(adata, perturbation_residual=True, **FAST_MODEL)
+    model.train(stage="vae", max_epochs=3, **_quiet_train())
+    model.train(stage="perturbation", perturbation_max_epochs=1, **_quiet_train())
+    flow = model.module.perturbation_flow
+    assert flow.residual and flow.shift_weight.abs().sum() > 0
+    # the fitted shift of 'A' is the latent shift of 'A' (per-label means, averaged), up to
+    # the weighting of labels, in the standardised space
+    shift = model._latent_shift(np.array(["A"]))[0] / flow.latent_std.numpy()
+    cond = torch.as_tensor(model._perturbation_vectors(["A"]))
+    fitted = (cond @ flow.shift_weight).numpy()[0]
+    assert np.corrcoef(shift, fitted)[0, 1] > 0.9

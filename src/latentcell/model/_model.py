@@ -134,6 +134,9 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         prediction with a cosine schedule, sampled with DDIM), same denoiser. Rectified flow
         is the default: see ``benchmarks/generation_pbmc3k.py`` for the comparison per
         number of steps.
+    perturbation_residual
+        Parameterise the perturbation flow as a learned correction to a linear latent shift
+        (see :class:`latentcell.module.PerturbationFlow`).
     **vae_kwargs
         Further keyword arguments of :class:`scvi.module.VAE`.
 
@@ -164,6 +167,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         p_uncond: float = 0.1,
         p_drop_attr: float = 0.1,
         objective: Literal["flow", "ddpm"] = "flow",
+        perturbation_residual: bool = False,
         **vae_kwargs,
     ):
         if gene_likelihood not in ("nb", "zinb", "poisson"):
@@ -220,6 +224,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 n_condition=pert["matrix"].shape[1] + (pert["dose_key"] is not None),
                 n_hidden=flow_n_hidden,
                 n_layers=flow_n_layers,
+                residual=perturbation_residual,
             )
             if pert
             else None

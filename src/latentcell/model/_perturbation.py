@@ -209,6 +209,19 @@ class PerturbationMixin:
         is_control = labels == state["control"]
         flow = self.module.perturbation_flow
         flow.set_scaling(z.to(flow.latent_mean.device))
+        if flow.residual:
+            scaled = (z - flow.latent_mean.cpu()) / flow.latent_std.cpu()
+            displacement = torch.zeros_like(scaled)
+            has_controls = np.zeros(len(labels), dtype=bool)
+            for g in np.unique(groups[is_control]):
+                members = groups == g
+                ctrl = torch.as_tensor(members & is_control)
+                displacement[torch.as_tensor(members)] = scaled[torch.as_tensor(members)] - scaled[
+                    ctrl
+                ].mean(0)
+                has_controls |= members
+            rows = torch.as_tensor(np.flatnonzero(has_controls))
+            flow.set_shift(condition[rows], displacement[rows])
         train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
         batch_size = batch_size or 256
         data = PairedLatentDataModule(

@@ -35,6 +35,11 @@ class PerturbationFlow(BaseModuleClass):
         Length of the perturbation vector.
     n_hidden, n_layers, dropout
         Width, depth and dropout of the MLP velocity network.
+    residual
+        Learn the velocity as a correction to a linear latent shift: ``v = c W + net(x, t, c)``
+        with ``W`` fitted by least squares to the training displacements (see
+        :meth:`set_shift`). The network's last layer starts at zero, so training starts
+        from scGen-style latent arithmetic and learns where cells deviate from it.
     """
 
     def __init__(
@@ -44,25 +49,45 @@ class PerturbationFlow(BaseModuleClass):
         n_hidden: int = 128,
         n_layers: int = 4,
         dropout: float = 0.0,
+        residual: bool = False,
     ):
         super().__init__()
         self.n_latent = n_latent
         self.n_condition = n_condition
+        self.residual = residual
         self.embedding = nn.Sequential(
             nn.Linear(n_condition, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden)
         )
         self.denoiser = MLPDenoiser(n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
         self.register_buffer("latent_mean", torch.zeros(n_latent))
         self.register_buffer("latent_std", torch.ones(n_latent))
+        self.register_buffer("shift_weight", torch.zeros(n_condition, n_latent))
 
     def set_scaling(self, z: torch.Tensor) -> None:
         """Record per-dimension mean and standard deviation of the training latents."""
         self.latent_mean.copy_(z.mean(0))
         self.latent_std.copy_(z.std(0).clamp_min(1e-4))
 
+    def set_shift(self, condition: torch.Tensor, displacement: torch.Tensor) -> None:
+        """Fit the linear shift ``W`` of the residual parameterisation by least squares.
+
+        Parameters
+        ----------
+        condition
+            Perturbation vectors of training cells ``(n, n_condition)``.
+        displacement
+            Their standardised latent minus the mean standardised latent of the controls of
+            their group ``(n, n_latent)`` (zero for controls).
+        """
+        solution = torch.linalg.lstsq(condition.double(), displacement.double()).solution
+        self.shift_weight.copy_(solution.float())
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Velocity at standardised ``x`` and time ``t`` under perturbation vectors."""
-        return self.denoiser(x, t, self.embedding(condition))
+        v = self.denoiser(x, t, self.embedding(condition))
+        if self.residual:
+            v = v + condition @ self.shift_weight
+        return v
 
     def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
         return {"tensors": tensors}
