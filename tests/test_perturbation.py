@@ -519,7 +519,7 @@ def test_predict_per_cell_list_and_errors(pert_model):
     )
     with pytest.raises(ValueError, match="perturbation has 3 values for 4 cells"):
         pert_model.predict_perturbation(perturbation=values[:3], indices=idx, **QUIET)
-    with pytest.raises(ValueError, match=r"Pass perturbation=.*'A', 'B', 'A\+B'"):
+    with pytest.raises(ValueError, match=r"Pass perturbation=.*'A', 'A\+B', 'B'"):
         pert_model.predict_perturbation(**QUIET)
     with pytest.raises(ValueError, match=r"Cannot represent perturbation 'Z'.*'A', 'B'"):
         pert_model.predict_perturbation(perturbation="Z", **QUIET)
