@@ -42,11 +42,7 @@ def synthetic_counts(
     profiles (``cell_types x genes``) and the batch log-factors.
     """
     rng = np.random.default_rng(seed)
-    base = rng.normal(-1.0, 1.0, size=n_genes)
-    profiles = np.tile(base, (n_cell_types, 1))
-    markers = np.array_split(rng.permutation(n_genes), n_cell_types)
-    for k, genes in enumerate(markers):
-        profiles[k, genes[: max(1, len(genes) // 2)]] += 2.5
+    profiles = _cell_type_profiles(rng, n_genes, n_cell_types)
     batch_effect = rng.normal(0.0, 0.3, size=(n_batches, n_genes))
     cell_type = rng.integers(0, n_cell_types, size=n_cells)
     batch = rng.integers(0, n_batches, size=n_cells)
@@ -120,11 +116,7 @@ def synthetic_perturbation(
     single perturbation (``singles x genes``), the cell-type scales and the base profiles.
     """
     rng = np.random.default_rng(seed)
-    base = rng.normal(-1.0, 1.0, size=n_genes)
-    profiles = np.tile(base, (n_cell_types, 1))
-    markers = np.array_split(rng.permutation(n_genes), n_cell_types)
-    for k, genes in enumerate(markers):
-        profiles[k, genes[: max(1, len(genes) // 2)]] += 2.5
+    profiles = _cell_type_profiles(rng, n_genes, n_cell_types)
     singles = sorted({c for p in perturbations for c in p.split("+") if c})
     lfc = np.zeros((len(singles), n_genes))
     n_hit = max(1, n_genes // 10)
@@ -165,3 +157,13 @@ def synthetic_perturbation(
         "profiles": profiles,
     }
     return adata
+
+
+def _cell_type_profiles(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> np.ndarray:
+    """Log-mean profiles: a shared baseline plus up-regulated markers per cell type."""
+    base = rng.normal(-1.0, 1.0, size=n_genes)
+    profiles = np.tile(base, (n_cell_types, 1))
+    markers = np.array_split(rng.permutation(n_genes), n_cell_types)
+    for k, genes in enumerate(markers):
+        profiles[k, genes[: max(1, len(genes) // 2)]] += 2.5
+    return profiles
