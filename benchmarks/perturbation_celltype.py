@@ -78,7 +78,9 @@ def load_dataset(name: str) -> ad.AnnData:
     """The dataset with columns ``cell_type``, ``condition`` (ctrl / pert) and ``batch``."""
     if name == "kang":
         adata = ad.read_h5ad(DATA_DIR / "perturbation" / "kang2018_muscat_1556x1267.h5ad")
-        adata.obs[CONDITION] = adata.obs["condition"].map({"ctrl": "ctrl", "pert": "pert"})
+        adata.obs[CONDITION] = (
+            adata.obs["condition"].astype(str).map({"ctrl": "ctrl", "stim": "pert"})
+        )
         adata.obs[BATCH] = adata.obs["donor"].astype(str)
     elif name == "tal1":
         adata = ad.read_h5ad(DATA_DIR / "perturbation" / "tal1_chimera_mouse_embryo_milode.h5ad")
