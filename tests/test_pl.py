@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 import latentcell as lc
@@ -39,3 +40,29 @@ def test_mean_expression_scatter_titles_and_highlights():
     assert ax.collections[1].get_offsets().shape == (10, 2)
     fig = lc.pl.mean_expression_scatter(control, true, return_fig=True)
     assert len(fig.axes[0].collections) == 1 and "DE" not in fig.axes[0].get_title()
+
+
+def test_translation_scatter_panels_and_errors():
+    import anndata as ad
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    true_counts = rng.poisson(5, (40, 6)).astype(np.float32)
+    true = ad.AnnData(true_counts)
+    true.var_names = [f"p{i}" for i in range(6)]
+    pred = ad.AnnData(true_counts + rng.poisson(1, (40, 6)).astype(np.float32))
+    pred.var_names = true.var_names
+    pred.layers["latentcell_mean"] = pred.X.copy()
+    fig = lc.pl.translation_scatter(pred, true, n_features=4, n_cols=2, return_fig=True)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 4
+    # a prediction close to the truth shows a high correlation in every title
+    assert all(float(ax.get_title().split("r=")[1]) > 0.5 for ax in visible)
+    plt.close(fig)
+    fig = lc.pl.translation_scatter(pred, true, features=["p1"], return_fig=True)
+    assert [ax.get_title().split()[0] for ax in fig.axes if ax.get_visible()] == ["p1"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one prediction per"):
+        lc.pl.translation_scatter(pred[:10], true)
+    with pytest.raises(ValueError, match="Unknown feature"):
+        lc.pl.translation_scatter(pred, true, features=["nope"])

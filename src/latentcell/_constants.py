@@ -12,6 +12,7 @@ class _FlowKeys(NamedTuple):
     NOISE: str = "x0"
     TIME: str = "t"
     DROP: str = "drop"
+    SOURCE: str = "z_source"
 
 
 FLOW_KEYS = _FlowKeys()

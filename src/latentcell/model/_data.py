@@ -192,7 +192,8 @@ def registered_tensors(adata_manager, dense_limit_bytes: int = 2**30) -> dict:
     out = {}
     for key in adata_manager.data_registry:
         values = adata_manager.get_from_registry(key)
-        if key == REGISTRY_KEYS.X_KEY:
+        if key == REGISTRY_KEYS.X_KEY or sparse.issparse(values):
+            # count matrices (RNA, and other modalities of a MuData)
             if sparse.issparse(values):
                 values = sparse.csr_matrix(values, dtype=np.float32)
                 if values.shape[0] * values.shape[1] * 4 <= dense_limit_bytes:

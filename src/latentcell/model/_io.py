@@ -14,6 +14,7 @@ import torch
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
+MDATA_FILE = "mdata.h5mu"
 FORMAT_VERSION = 1
 
 

@@ -39,6 +39,7 @@ from latentcell._constants import (
 )
 from latentcell.model import _io
 from latentcell.model._data import CountsDataModule, LatentDataModule
+from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
 from latentcell.model._training import FlowTrainingPlan
 from latentcell.model._validation import (
@@ -54,28 +55,34 @@ from latentcell.module import (
     SAMPLER_METHODS,
     JointModule,
     LatentFlow,
+    MultiModalVAE,
     PerturbationFlow,
+    TranslationFlow,
 )
-from latentcell.module._counts import sample_counts
 
 logger = logging.getLogger(__name__)
 
 _CAT_COVS = REGISTRY_KEYS.CAT_COVS_KEY
 _CONT_COVS = REGISTRY_KEYS.CONT_COVS_KEY
 _LARGE = 100_000
-_STAGES = ("vae", "flow", "joint", "perturbation")
+_STAGES = ("vae", "flow", "joint", "perturbation", "translation")
 
 
 class LatentDiffusionModule(torch.nn.Module):
-    """Container of the stages: a count VAE, a latent flow, optionally a perturbation flow."""
+    """Container of the stages: a VAE, a latent flow, perturbation and translation flows."""
 
     def __init__(
-        self, vae: VAE, flow: LatentFlow, perturbation_flow: PerturbationFlow | None = None
+        self,
+        vae: VAE | MultiModalVAE,
+        flow: LatentFlow,
+        perturbation_flow: PerturbationFlow | None = None,
+        translation_flow: TranslationFlow | None = None,
     ):
         super().__init__()
         self.vae = vae
         self.flow = flow
         self.perturbation_flow = perturbation_flow
+        self.translation_flow = translation_flow
 
     @property
     def device(self) -> torch.device:
@@ -83,20 +90,23 @@ class LatentDiffusionModule(torch.nn.Module):
         return next(self.parameters()).device
 
 
-class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
+class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
     """Latent diffusion for single-cell counts.
 
     Stage 1 is a count variational autoencoder (scvi-tools' ``VAE``: negative binomial,
     zero-inflated negative binomial or Poisson likelihood, batch and covariates injected
-    into the decoder). Stage 2 freezes it and trains a rectified flow on the encoder's
-    latent means, conditioned on the registered labels, batch and covariates with
-    classifier-free guidance. Sampling integrates the flow from noise, decodes the latents
-    and draws counts from the likelihood.
+    into the decoder; or, for a MuData set up with :meth:`setup_mudata`, a joint VAE of RNA
+    and protein/accessibility, :class:`latentcell.module.MultiModalVAE`). Stage 2 freezes
+    it and trains a rectified flow on the encoder's latent means, conditioned on the
+    registered labels, batch and covariates with classifier-free guidance. Sampling
+    integrates the flow from noise, decodes the latents and draws counts from the
+    likelihood. MuData models add a translation flow (:meth:`translate`).
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`. May be ``None`` when ``registry``
+        AnnData registered with :meth:`setup_anndata` (or MuData registered with
+        :meth:`setup_mudata`). May be ``None`` when ``registry``
         is given (used by :meth:`load` for a model saved without its data).
     registry
         A saved scvi-tools registry, instead of ``adata``.
@@ -137,6 +147,13 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
     perturbation_residual
         Parameterise the perturbation flow as a learned correction to a linear latent shift
         (see :class:`latentcell.module.PerturbationFlow`).
+    protein_likelihood
+        MuData models: likelihood of protein counts, ``"nb"`` (negative binomial) or
+        ``"nb_mixture"`` (background/foreground mixture, as in totalVI); see the CITE-seq
+        benchmark for the comparison behind the default.
+    modality_dropout
+        MuData models: fraction of training cells whose encoder sees one of their modalities
+        hidden, so that cells measured in one modality encode well (translation).
     **vae_kwargs
         Further keyword arguments of :class:`scvi.module.VAE`.
 
@@ -168,6 +185,8 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         p_drop_attr: float = 0.1,
         objective: Literal["flow", "ddpm"] = "flow",
         perturbation_residual: bool = False,
+        protein_likelihood: Literal["nb", "nb_mixture"] = "nb",
+        modality_dropout: float = 0.3,
         **vae_kwargs,
     ):
         if gene_likelihood not in ("nb", "zinb", "poisson"):
@@ -189,20 +208,44 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         n_cont = (
             len(self._field_state(_CONT_COVS).get("columns", [])) if self._has(_CONT_COVS) else 0
         )
-        vae = VAE(
-            n_input=int(self.summary_stats.n_vars),
-            n_batch=int(self.summary_stats.n_batch),
-            n_labels=int(self.summary_stats.n_labels),
-            n_hidden=n_hidden,
-            n_latent=n_latent,
-            n_layers=n_layers,
-            n_continuous_cov=n_cont,
-            n_cats_per_cov=n_cats_per_cov,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            **vae_kwargs,
-        )
+        multimodal = self.is_multimodal
+        if multimodal:
+            if protein_likelihood not in ("nb", "nb_mixture"):
+                raise ValueError(
+                    f"protein_likelihood must be 'nb' or 'nb_mixture', got {protein_likelihood!r}."
+                )
+            if gene_likelihood != "nb" or dispersion != "gene" or vae_kwargs:
+                raise ValueError(
+                    "MuData models use gene_likelihood='nb' and dispersion='gene' and take no "
+                    f"scvi VAE keyword arguments (got {gene_likelihood!r}, {dispersion!r}, "
+                    f"{sorted(vae_kwargs)})."
+                )
+            vae = MultiModalVAE(
+                self._multimodal_specs(protein_likelihood),
+                n_batch=int(self.summary_stats.n_batch),
+                n_latent=n_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                n_continuous_cov=n_cont,
+                n_cats_per_cov=n_cats_per_cov,
+                modality_dropout=modality_dropout,
+            )
+        else:
+            vae = VAE(
+                n_input=int(self.summary_stats.n_vars),
+                n_batch=int(self.summary_stats.n_batch),
+                n_labels=int(self.summary_stats.n_labels),
+                n_hidden=n_hidden,
+                n_latent=n_latent,
+                n_layers=n_layers,
+                n_continuous_cov=n_cont,
+                n_cats_per_cov=n_cats_per_cov,
+                dropout_rate=dropout_rate,
+                dispersion=dispersion,
+                gene_likelihood=gene_likelihood,
+                **vae_kwargs,
+            )
         attrs = self._condition_attributes()
         self._flow_kwargs = dict(
             n_latent=n_latent,
@@ -229,18 +272,31 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             if pert
             else None
         )
+        self._translation_kwargs = (
+            dict(n_latent=n_latent, n_hidden=flow_n_hidden, n_layers=flow_n_layers)
+            if multimodal
+            else None
+        )
         self.module = LatentDiffusionModule(
             vae,
             LatentFlow(**self._flow_kwargs),
             PerturbationFlow(**self._perturbation_kwargs) if pert else None,
+            TranslationFlow(**self._translation_kwargs) if multimodal else None,
         )
         self.trained_stages_: list[str] = []
         self.stage_history_: dict[str, dict] = {}
         self.reference_: dict[str, np.ndarray] = {}
         self.perturbation_summary_: dict = {}
         self.var_names_ = self._registry_var_names()
+        modality_text = (
+            f"modalities={[m['name'] for m in self._modalities()]} "
+            f"(protein_likelihood={protein_likelihood}), "
+            if multimodal
+            else ""
+        )
         self._model_summary_string = (
-            f"LatentDiffusionModel: n_latent={n_latent}, gene_likelihood={gene_likelihood}, "
+            f"LatentDiffusionModel: {modality_text}n_latent={n_latent}, "
+            f"gene_likelihood={gene_likelihood}, "
             f"{objective} prior, denoiser={denoiser} (hidden {flow_n_hidden}, "
             f"{flow_n_layers} layers), "
             f"conditions={[a['name'] for a in attrs['categorical']] + attrs['continuous']}"
@@ -430,6 +486,28 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 )
             adata = self.adata
         check_not_view(adata)
+        if _is_mudata(adata):
+            if not self.is_multimodal:
+                raise TypeError("This model was set up with an AnnData; pass an AnnData.")
+            args = self.registry_["setup_args"]
+            for m in self._modalities():
+                if m["mod_key"] not in adata.mod:
+                    raise ValueError(
+                        f"The MuData lacks the {m['name']!r} modality "
+                        f"(mdata.mod[{m['mod_key']!r}])."
+                    )
+                mod = adata.mod[m["mod_key"]]
+                check_var_names(mod, m["var_names"])
+                if self.get_anndata_manager(adata) is None:
+                    check_counts(
+                        mod, args.get(f"{m['name']}_layer"), allow_empty_cells=m["name"] != "rna"
+                    )
+            return super()._validate_anndata(adata, copy_if_view=False)
+        if self.is_multimodal:
+            raise TypeError(
+                "This model was set up with a MuData (setup_mudata); pass a MuData, or use "
+                "translate() for cells measured in one modality."
+            )
         check_var_names(adata, self.var_names_)
         if self.get_anndata_manager(adata) is None:
             layer = self.registry_["setup_args"].get("layer")
@@ -439,7 +517,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
     # ------------------------------------------------------------------ training
     def train(
         self,
-        stage: Literal["vae", "flow", "joint", "perturbation"] | None = None,
+        stage: Literal["vae", "flow", "joint", "perturbation", "translation"] | None = None,
         max_epochs: int | None = None,
         flow_max_epochs: int | None = None,
         perturbation_max_epochs: int | None = None,
@@ -463,7 +541,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         load_in_memory: bool | None = None,
         **trainer_kwargs,
     ) -> None:
-        """Train the VAE, then the latent flow, then the perturbation flow (or one stage).
+        """Train the VAE, the latent flow, then the perturbation or translation flow (or one stage).
 
         Each stage stops on its own held-out validation loss by default (the ELBO for the
         VAE, a flow-matching loss with fixed noise and times for the flow), because small
@@ -473,7 +551,10 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         ----------
         stage
             ``"vae"``, ``"flow"`` or ``"perturbation"`` to run one stage; ``None`` runs them
-            all (the perturbation flow only when a ``perturbation_key`` was registered).
+            all (the perturbation flow only when a ``perturbation_key`` was registered,
+            the translation flow only for MuData models; ``"translation"`` trains
+            :class:`latentcell.module.TranslationFlow` for :meth:`translate`, with the
+            flow's settings: ``flow_max_epochs``, ``flow_batch_size``, ``flow_lr``).
             Retraining the VAE invalidates the flows, which must then be retrained.
             ``"joint"`` is an optional extra stage after the flow: the VAE and the flow
             fine-tuned together on ELBO + ``joint_flow_weight`` x flow loss
@@ -535,6 +616,12 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             settings.seed = seed
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
             self._check_perturbation_data()
+        if stage == "joint" and self.is_multimodal:
+            raise ValueError("The 'joint' stage is not available for MuData models yet.")
+        if stage == "translation" and not self.is_multimodal:
+            raise ValueError(
+                "The 'translation' stage needs a MuData model (LatentDiffusionModel.setup_mudata)."
+            )
         if stage in (None, "vae"):
             self._train_vae(
                 max_epochs,
@@ -580,6 +667,21 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
             self._train_perturbation(
                 perturbation_max_epochs,
+                accelerator,
+                devices,
+                train_size,
+                validation_size,
+                flow_batch_size,
+                early_stopping,
+                early_stopping_patience,
+                flow_lr,
+                flow_plan_kwargs or {},
+                dict(trainer_kwargs),
+            )
+
+        if stage == "translation" or (stage is None and self.is_multimodal):
+            self._train_translation(
+                flow_max_epochs,
                 accelerator,
                 devices,
                 train_size,
@@ -665,10 +767,14 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 self.module.perturbation_flow = PerturbationFlow(**self._perturbation_kwargs).to(
                     device
                 )
+            if self._translation_kwargs:
+                self.module.translation_flow = TranslationFlow(**self._translation_kwargs).to(
+                    device
+                )
         self.trained_stages_ = []
         self.stage_history_ = {}
         if load_in_memory is None:
-            load_in_memory = not self.adata.isbacked
+            load_in_memory = not getattr(self.adata, "isbacked", False)
         data = splitter
         if load_in_memory:
             data = CountsDataModule(
@@ -681,14 +787,17 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         self.trained_stages_ = ["vae"]
 
     @torch.inference_mode()
-    def _latent_means(self, adata: AnnData, indices=None, batch_size: int | None = None):
+    def _latent_means(
+        self, adata: AnnData, indices=None, batch_size: int | None = None, use_modalities=None
+    ):
         vae = self.module.vae
         vae.eval()
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        extra = {} if use_modalities is None else {"use_modalities": list(use_modalities)}
         out = []
         for tensors in loader:
             inference_inputs = vae._get_inference_input(tensors)
-            outputs = vae.inference(**inference_inputs)
+            outputs = vae.inference(**inference_inputs, **extra)
             out.append(outputs["qz"].loc.cpu())
         return torch.cat(out).numpy()
 
@@ -1057,7 +1166,9 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
 
         Returns
         -------
-        AnnData of generated cells: integer counts drawn from the decoder's likelihood in
+        For a MuData model, a MuData with one AnnData per modality (each as described next),
+        the conditions also in the global ``obs`` and the latents in its ``obsm``. Otherwise,
+        an AnnData of generated cells: integer counts drawn from the decoder's likelihood in
         ``.X`` (float32, CSR), the decoded mean expression in
         ``layers['latentcell_mean']``, the conditions (requested, or drawn with the
         reference cell for decoder covariates) in ``obs``, the generated latents in
@@ -1126,7 +1237,8 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
 
         device = self.module.device
         self.module.eval()
-        counts, means, latents = [], [], []
+        parts: dict[str, tuple[list, list]] = {}
+        latents = []
         n_batches = math.ceil(n / batch_size)
         total = n_batches * (n_steps if latent_prior == "flow" else 1)
         gen = torch.Generator(device="cpu")
@@ -1154,13 +1266,18 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                     z = noise.to(device)
                     bar.update(1)
                 px = self._decode(z, {k: v[sl] for k, v in ref.items()})
-                counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
-                means.append(px.mean.cpu().numpy().astype(np.float32))
+                for name, (c, m) in self._draw(px).items():
+                    parts.setdefault(name, ([], []))
+                    parts[name][0].append(c)
+                    parts[name][1].append(m)
                 latents.append(z.cpu().numpy())
-        return self._generated_anndata(
-            sparse.vstack(counts).tocsr(),
-            np.concatenate(means),
-            np.concatenate(latents),
+        parts = {
+            name: (sparse.vstack(c).tocsr(), np.concatenate(m)) for name, (c, m) in parts.items()
+        }
+        latents = np.concatenate(latents)
+        rna = self._generated_anndata(
+            *parts["rna"],
+            latents,
             frame,
             ref,
             dict(
@@ -1172,6 +1289,7 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 requested=list(frame.columns),
             ),
         )
+        return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
 
     def _decode(self, z: torch.Tensor, ref: dict[str, np.ndarray]):
         """Return the decoder likelihood at ``z`` for given library sizes and covariates."""
@@ -1210,11 +1328,12 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
                 obs[name] = pd.Categorical.from_codes(codes, categories=cats)
         for j, c in enumerate(attrs["continuous"]):
             obs[c] = ref["cont_covs"][:, j]
-        var = (
-            self.adata.var.copy()
-            if self.adata is not None
-            else pd.DataFrame(index=pd.Index(self.var_names_))
-        )
+        if self.is_multimodal:
+            var = self._modality_var("rna")
+        elif self.adata is not None:
+            var = self.adata.var.copy()
+        else:
+            var = pd.DataFrame(index=pd.Index(self.var_names_))
         out = AnnData(X=counts, obs=obs, var=var)
         out.layers[MEAN_LAYER] = means
         out.obsm[LATENT_KEY] = latents
@@ -1235,13 +1354,13 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         ----------
         dir_path
             Folder to create (``metadata.json``, ``model.pt`` and optionally
-            ``adata.h5ad``).
+            ``adata.h5ad``, or ``mdata.h5mu`` for a MuData model).
         overwrite
             Replace an existing non-empty folder.
         save_anndata
-            Also write the training AnnData.
+            Also write the training AnnData (MuData).
         **anndata_write_kwargs
-            Passed to :meth:`anndata.AnnData.write_h5ad`.
+            Passed to :meth:`anndata.AnnData.write_h5ad` (:meth:`mudata.MuData.write_h5mu`).
         """
         metadata = {
             "format_version": _io.FORMAT_VERSION,
@@ -1264,7 +1383,10 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         if save_anndata:
             if self.adata is None:
                 raise ValueError("This model holds no AnnData to save.")
-            self.adata.write_h5ad(path / _io.ADATA_FILE, **anndata_write_kwargs)
+            if self.is_multimodal:
+                self.adata.write_h5mu(path / _io.MDATA_FILE, **anndata_write_kwargs)
+            else:
+                self.adata.write_h5ad(path / _io.ADATA_FILE, **anndata_write_kwargs)
 
     @classmethod
     def load(
@@ -1284,9 +1406,10 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
         dir_path
             Folder written by :meth:`save`.
         adata
-            AnnData with the training genes to attach (it is registered with the saved
-            setup). ``None`` uses the saved AnnData if there is one, else loads the model
-            without data: sampling works, methods that read cells need ``adata=...``.
+            AnnData (MuData for a MuData model) with the training genes to attach (it is
+            registered with the saved setup). ``None`` uses the saved AnnData if there is
+            one, else loads the model without data: sampling works, methods that read cells
+            need ``adata=...``.
         accelerator, device
             Where to put the model.
 
@@ -1306,12 +1429,23 @@ class LatentDiffusionModel(PerturbationMixin, BaseModelClass):
             import anndata
 
             adata = anndata.read_h5ad(Path(dir_path) / _io.ADATA_FILE)
+        elif adata is None and (Path(dir_path) / _io.MDATA_FILE).exists():
+            import mudata
+
+            adata = mudata.read_h5mu(Path(dir_path) / _io.MDATA_FILE)
         init = metadata["init_params"]
         kwargs = {k: v for d in init.get("kwargs", {}).values() for k, v in d.items()}
         if adata is not None:
             check_not_view(adata)
-            check_var_names(adata, metadata["var_names"])
-            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            if "modalities" in registry["setup_args"]:
+                if not _is_mudata(adata):
+                    raise TypeError("This model was saved from a MuData; pass a MuData.")
+                rna = adata.mod[registry["setup_args"]["modalities"]["rna"]]
+                check_var_names(rna, metadata["var_names"])
+                cls.setup_mudata(adata, source_registry=registry, **registry["setup_args"])
+            else:
+                check_var_names(adata, metadata["var_names"])
+                cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
             model = cls(adata, **init["non_kwargs"], **kwargs)
         else:
             model = cls(None, registry=registry, **init["non_kwargs"], **kwargs)

@@ -24,8 +24,10 @@ def _stored_values(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def check_counts(adata: AnnData, layer: str | None) -> None:
+def check_counts(adata: AnnData, layer: str | None, allow_empty_cells: bool = False) -> None:
     """Check that the matrix used by a count likelihood holds finite non-negative integers.
+
+    ``allow_empty_cells`` accepts cells without counts (a modality not measured in them).
 
     Raises
     ------
@@ -69,7 +71,7 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         )
     totals = np.asarray(x.sum(axis=1)).ravel()
     empty = np.flatnonzero(totals <= 0)
-    if empty.size:
+    if empty.size and not allow_empty_cells:
         names = ", ".join(map(str, adata.obs_names[empty[:3]]))
         raise ValueError(
             f"{empty.size} of {adata.n_obs} cells have no counts in {where} (e.g. {names}). "

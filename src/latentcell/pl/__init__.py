@@ -4,10 +4,12 @@ from latentcell.pl._embedding import real_vs_generated_umap
 from latentcell.pl._history import training_history
 from latentcell.pl._perturbation import mean_expression_scatter
 from latentcell.pl._steps import steps_quality
+from latentcell.pl._translation import translation_scatter
 
 __all__ = [
     "mean_expression_scatter",
     "real_vs_generated_umap",
     "steps_quality",
     "training_history",
+    "translation_scatter",
 ]
