@@ -66,3 +66,30 @@ def test_translation_scatter_panels_and_errors():
         lc.pl.translation_scatter(pred[:10], true)
     with pytest.raises(ValueError, match="Unknown feature"):
         lc.pl.translation_scatter(pred, true, features=["nope"])
+
+
+def test_expression_along_path_lines_follow_the_data():
+    import anndata as ad
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    t = np.repeat(np.linspace(0, 1, 10), 30)
+    rising = rng.poisson(5 * np.exp(2 * t))
+    flat = rng.poisson(20, size=t.size)
+    gen = ad.AnnData(np.stack([rising, flat], 1).astype(np.float32))
+    gen.var_names = ["up", "flat"]
+    gen.obs["t"] = t
+    real = gen[::2].copy()
+    fig = lc.pl.expression_along_path(
+        gen, ["up", "flat"], "t", real=real, n_bins=5, return_fig=True
+    )
+    ax_up = fig.axes[0]
+    line = ax_up.lines[0].get_ydata()
+    # the rising gene's share of counts grows along t: its generated line goes up
+    assert line[-1] > line[0]
+    assert len(ax_up.collections) == 1  # the real cells' dots
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no obs column"):
+        lc.pl.expression_along_path(gen, ["up"], "missing")
+    with pytest.raises(ValueError, match="lacks gene"):
+        lc.pl.expression_along_path(gen, ["nope"], "t")

@@ -24,3 +24,5 @@ MEAN_LAYER = "latentcell_mean"
 #: scvi-tools registry keys of the perturbation label and dose of each cell.
 PERTURBATION_FIELD = "perturbation"
 DOSE_FIELD = "dose"
+#: scvi-tools registry key of continuous conditions of the flow that the VAE never sees.
+CONT_CONDITIONS_FIELD = "continuous_conditions"

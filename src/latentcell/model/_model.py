@@ -31,6 +31,7 @@ from scvi.train import TrainingPlan, TrainRunner
 from tqdm.auto import tqdm
 
 from latentcell._constants import (
+    CONT_CONDITIONS_FIELD,
     DOSE_FIELD,
     FLOW_KEYS,
     LATENT_KEY,
@@ -318,6 +319,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        continuous_condition_keys: list[str] | None = None,
         perturbation_key: str | None = None,
         control_value: str = "ctrl",
         perturbation_separator: str = "+",
@@ -349,6 +351,11 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             Further categorical ``obs`` columns, used like ``batch_key``.
         continuous_covariate_keys
             Continuous ``obs`` columns: decoder covariates and flow conditions.
+        continuous_condition_keys
+            Continuous ``obs`` columns that condition the flow only (embedded, not nuisance
+            covariates: the VAE never sees them, so the latent keeps what they explain), e.g.
+            pseudotime, developmental time or dose. :meth:`sample` and :meth:`sample_path`
+            take any value, between or beyond those seen.
         perturbation_key
             ``obs`` column naming the perturbation of each cell (``control_value`` for
             controls; combinations joined with ``perturbation_separator``, e.g. ``"A+B"``).
@@ -382,13 +389,24 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         check_not_view(adata)
         check_counts(adata, layer)
         categorical = [k for k in [labels_key, batch_key, *(categorical_covariate_keys or [])] if k]
-        check_obs_columns(adata, categorical, list(continuous_covariate_keys or []))
+        both = set(continuous_covariate_keys or []) & set(continuous_condition_keys or [])
+        if both:
+            raise ValueError(
+                f"{sorted(both)} given as both continuous covariate and continuous condition; "
+                f"pick one (a condition is seen by the flow only)."
+            )
+        check_obs_columns(
+            adata,
+            categorical,
+            list(continuous_covariate_keys or []) + list(continuous_condition_keys or []),
+        )
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             CategoricalJointObsField(_CAT_COVS, categorical_covariate_keys),
             NumericalJointObsField(_CONT_COVS, continuous_covariate_keys),
+            NumericalJointObsField(CONT_CONDITIONS_FIELD, continuous_condition_keys),
         ]
         if perturbation_key is not None:
             anndata_fields.append(CategoricalObsField(PERTURBATION_FIELD, perturbation_key))
@@ -414,7 +432,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         """Conditions of the flow, in the order the module sees them.
 
         Categorical: the labels (if ``labels_key`` was set), the batch (if ``batch_key`` was
-        set), then each categorical covariate. Continuous: each continuous covariate.
+        set), then each categorical covariate. Continuous: each continuous covariate, then
+        each continuous condition (``n_cont_covs`` says where the conditions start).
         """
         args = self.registry_["setup_args"]
         categorical = []
@@ -429,8 +448,13 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         for i, key in enumerate(cat_state.get("field_keys", []) or []):
             cats = np.asarray(cat_state["mappings"][key])
             categorical.append({"name": key, "source": _CAT_COVS, "column": i, "categories": cats})
-        continuous = list(args.get("continuous_covariate_keys") or [])
-        return {"categorical": categorical, "continuous": continuous}
+        covariates = list(args.get("continuous_covariate_keys") or [])
+        conditions = list(args.get("continuous_condition_keys") or [])
+        return {
+            "categorical": categorical,
+            "continuous": covariates + conditions,
+            "n_cont_covs": len(covariates),
+        }
 
     def _registered_codes(self, adata: AnnData) -> dict[str, np.ndarray]:
         """Integer codes and values of the registered covariates of every cell."""
@@ -451,7 +475,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             "batch": get(REGISTRY_KEYS.BATCH_KEY, np.int64)[:, 0],
             "cat_covs": get(_CAT_COVS, np.int64),
             "cont_covs": get(_CONT_COVS, np.float32),
-            "log_library": np.log(library).astype(np.float32),
+            "cont_conds": get(CONT_CONDITIONS_FIELD, np.float32),
+            "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
 
     def _flow_codes(self, codes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -466,7 +491,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 columns.append(codes["cat_covs"][:, attr["column"]])
         n = len(codes["labels"])
         cat = np.stack(columns, axis=1) if columns else np.zeros((n, 0), dtype=np.int64)
-        return cat.astype(np.int64), codes["cont_covs"].astype(np.float32)
+        cont = codes["cont_covs"]
+        if "cont_conds" in codes and codes["cont_conds"].shape[1]:
+            cont = np.concatenate([cont, codes["cont_conds"]], axis=1)
+        return cat.astype(np.int64), cont.astype(np.float32)
 
     # ------------------------------------------------------------------ checks
     def _check_stage(self, stage: Literal["vae", "flow", "perturbation"], action: str) -> None:
@@ -512,6 +540,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         if self.get_anndata_manager(adata) is None:
             layer = self.registry_["setup_args"].get("layer")
             check_counts(adata, layer)
+            self._check_query_columns(adata)
         return super()._validate_anndata(adata, copy_if_view=False)
 
     # ------------------------------------------------------------------ training
@@ -1230,7 +1259,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             elif a["source"] == _CAT_COVS:
                 ref["cat_covs"] = ref["cat_covs"].copy()
                 ref["cat_covs"][:, a["column"]] = flow_cat[:, i]
-        for j, c in enumerate(attrs["continuous"]):
+        for j, c in enumerate(attrs["continuous"][: attrs["n_cont_covs"]]):
             if c in frame:
                 ref["cont_covs"] = ref["cont_covs"].copy()
                 ref["cont_covs"][:, j] = flow_cont[:, j]
@@ -1291,6 +1320,72 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         )
         return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
 
+    def sample_path(
+        self,
+        key: str,
+        start: float | None = None,
+        stop: float | None = None,
+        n_points: int = 20,
+        values=None,
+        n_per_point: int = 50,
+        conditions: Mapping | None = None,
+        **sample_kwargs,
+    ):
+        """Generate cells along a path of values of one continuous condition.
+
+        For example 20 points of pseudotime from its start to its end, 50 cells each, in one
+        lineage: ``model.sample_path("pseudotime", 0, 1, conditions={"lineage": "ery"})``.
+
+        Parameters
+        ----------
+        key
+            A continuous condition (``continuous_condition_keys``) or covariate of the model.
+        start, stop, n_points
+            ``n_points`` evenly spaced values from ``start`` to ``stop`` (both included);
+            they may lie between or beyond the values seen in training.
+        values
+            Explicit values instead of ``start``/``stop``/``n_points``.
+        n_per_point
+            Cells generated at each value.
+        conditions
+            Further conditions held fixed along the path (``{name: value}``).
+        **sample_kwargs
+            Passed to :meth:`sample` (``n_steps``, ``cfg_scale``, ``seed``, ...).
+
+        Returns
+        -------
+        One AnnData (MuData for a MuData model) as :meth:`sample` returns it, with the value
+        of ``key`` in ``obs[key]`` and the index of the point in ``obs['path_step']``.
+        """
+        attrs = self._condition_attributes()
+        if key not in attrs["continuous"]:
+            raise ValueError(
+                f"{key!r} is not a continuous condition of this model; its continuous "
+                f"conditions are {attrs['continuous'] or '(none)'} (register one with "
+                f"setup_anndata(continuous_condition_keys=[...]))."
+            )
+        if values is None:
+            if start is None or stop is None:
+                raise ValueError("Pass start and stop (and n_points), or values.")
+            if n_points < 1:
+                raise ValueError(f"n_points must be >= 1, got {n_points}.")
+            values = np.linspace(float(start), float(stop), int(n_points))
+        values = np.asarray(values, dtype=float).ravel()
+        if values.size == 0 or not np.isfinite(values).all():
+            raise ValueError("The path needs at least one finite value.")
+        if n_per_point < 1:
+            raise ValueError(f"n_per_point must be >= 1, got {n_per_point}.")
+        frame = pd.DataFrame({key: np.repeat(values, n_per_point)})
+        for name, value in (conditions or {}).items():
+            if name == key:
+                raise ValueError(f"{key!r} is the path's own condition; do not fix it.")
+            if np.ndim(value) != 0:
+                raise ValueError(f"conditions[{name!r}] must be one value, held along the path.")
+            frame[name] = [value] * len(frame)
+        out = self.sample(conditions=frame, **sample_kwargs)
+        out.obs["path_step"] = np.repeat(np.arange(values.size), n_per_point)
+        return out
+
     def _decode(self, z: torch.Tensor, ref: dict[str, np.ndarray]):
         """Return the decoder likelihood at ``z`` for given library sizes and covariates."""
         device = z.device
@@ -1327,7 +1422,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 codes = ref["cat_covs"][:, a["column"]]
                 obs[name] = pd.Categorical.from_codes(codes, categories=cats)
         for j, c in enumerate(attrs["continuous"]):
-            obs[c] = ref["cont_covs"][:, j]
+            if j < attrs["n_cont_covs"]:
+                obs[c] = ref["cont_covs"][:, j]
+            else:  # flow-only condition: the requested value, NaN where left to the flow
+                obs[c] = frame[c].to_numpy(float) if c in frame else np.nan
         if self.is_multimodal:
             var = self._modality_var("rna")
         elif self.adata is not None:

@@ -414,7 +414,8 @@ class MultiModalMixin:
             )
         if source == target:
             raise ValueError("source and target must be different modalities.")
-        self._modality(source), self._modality(target)
+        for name in (source, target):
+            self._modality(name)  # raises on unknown names
         if strategy not in ("flow", "encoder"):
             raise ValueError(f"strategy must be 'flow' or 'encoder', got {strategy!r}.")
         primary = self._modalities()[0]["name"]

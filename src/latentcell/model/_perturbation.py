@@ -473,13 +473,19 @@ class PerturbationMixin:
             args.get("dose_key"),
             *(args.get("categorical_covariate_keys") or []),
             *(args.get("continuous_covariate_keys") or []),
+            *(args.get("continuous_condition_keys") or []),
         ]
         missing = [k for k in keys if k is not None and k not in adata.obs]
         if missing:
+            hint = (
+                f" (for control cells, e.g. adata.obs[{args.get('perturbation_key')!r}] = "
+                f"{args.get('control_value')!r})"
+                if args.get("perturbation_key") in missing
+                else ""
+            )
             raise ValueError(
-                f"adata.obs lacks the registered column(s) {missing}. Add them (for control "
-                f"cells, e.g. adata.obs[{args.get('perturbation_key')!r}] = "
-                f"{args.get('control_value')!r}) and call again."
+                f"adata.obs lacks the registered column(s) {missing}. Add them{hint} and call "
+                f"again."
             )
 
     def _default_doses(self, values: Sequence[str]) -> np.ndarray:
