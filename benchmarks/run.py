@@ -3,7 +3,8 @@
 ``--device cuda`` is the same as ``--accelerator gpu`` (and ``--device cpu`` as
 ``--accelerator cpu``); either is passed on to every benchmark: generation on pbmc3k, speed,
 perturbation of a held-out cell type on Kang 2018 and Tal1 (seeds 0-2) and on synthetic
-data. Writes JSON and markdown under
+data, RNA -> protein translation on CITE-seq and generation at unseen times (seeds 0-2).
+Writes JSON and markdown under
 ``benchmarks/results`` and prints the tables. Not part of the test suite: speed is measured
 here, as ratios against baselines run in the same process.
 """
@@ -16,6 +17,8 @@ import generation_pbmc3k
 import perturbation_celltype
 import perturbation_synthetic
 import speed
+import time_trajectory
+import translation_citeseq
 from _cli import add_device_arguments, resolve_accelerator
 
 
@@ -33,6 +36,8 @@ def main() -> None:
             ["--accelerator", accelerator, "--dataset", dataset, "--seeds", "0", "1", "2"]
         )
     perturbation_synthetic.main(["--accelerator", accelerator, "--seed", str(args.seed)])
+    translation_citeseq.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
+    time_trajectory.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
 
 
 if __name__ == "__main__":
