@@ -42,7 +42,7 @@ from latentcell.model import _io
 from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
-from latentcell.model._training import FlowTrainingPlan
+from latentcell.model._training import FlowStageOptions, FlowTrainingPlan
 from latentcell.model._validation import (
     check_counts,
     check_not_view,
@@ -645,6 +645,23 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             settings.seed = seed
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
             self._check_perturbation_data()
+
+        def flow_options(max_epochs: int | None) -> FlowStageOptions:
+            # fresh dicts per stage: the stages set their own defaults in them
+            return FlowStageOptions(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=flow_batch_size,
+                early_stopping=early_stopping,
+                patience=early_stopping_patience,
+                lr=flow_lr,
+                plan_kwargs=dict(flow_plan_kwargs or {}),
+                trainer_kwargs=dict(trainer_kwargs),
+            )
+
         if stage == "joint" and self.is_multimodal:
             raise ValueError("The 'joint' stage is not available for MuData models yet.")
         if stage == "translation" and not self.is_multimodal:
@@ -669,19 +686,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 load_in_memory,
             )
         if stage in (None, "flow"):
-            self._train_flow(
-                flow_max_epochs,
-                accelerator,
-                devices,
-                train_size,
-                validation_size,
-                flow_batch_size,
-                early_stopping,
-                early_stopping_patience,
-                flow_lr,
-                flow_plan_kwargs or {},
-                dict(trainer_kwargs),
-            )
+            self._train_flow(flow_options(flow_max_epochs))
         if stage == "joint":
             self._train_joint(
                 joint_max_epochs,
@@ -694,34 +699,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 dict(trainer_kwargs),
             )
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
-            self._train_perturbation(
-                perturbation_max_epochs,
-                accelerator,
-                devices,
-                train_size,
-                validation_size,
-                flow_batch_size,
-                early_stopping,
-                early_stopping_patience,
-                flow_lr,
-                flow_plan_kwargs or {},
-                dict(trainer_kwargs),
-            )
+            self._train_perturbation(flow_options(perturbation_max_epochs))
 
         if stage == "translation" or (stage is None and self.is_multimodal):
-            self._train_translation(
-                flow_max_epochs,
-                accelerator,
-                devices,
-                train_size,
-                validation_size,
-                flow_batch_size,
-                early_stopping,
-                early_stopping_patience,
-                flow_lr,
-                flow_plan_kwargs or {},
-                dict(trainer_kwargs),
-            )
+            self._train_translation(flow_options(flow_max_epochs))
 
     def _run(self, stage: str, plan, data, max_epochs: int, accelerator, devices, **kwargs):
         """Run scvi-tools' TrainRunner for one stage and keep that stage's history apart."""
@@ -830,20 +811,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             out.append(outputs["qz"].loc.cpu())
         return torch.cat(out).numpy()
 
-    def _train_flow(
-        self,
-        max_epochs,
-        accelerator,
-        devices,
-        train_size,
-        validation_size,
-        batch_size,
-        early_stopping,
-        patience,
-        lr,
-        plan_kwargs,
-        trainer_kwargs,
-    ) -> None:
+    def _train_flow(self, opts: FlowStageOptions) -> None:
         self._check_stage("vae", "train the flow")
         adata = self.adata
         self.module.vae.eval()
@@ -856,8 +824,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         device = flow.latent_mean.device
         flow.set_scaling(z.to(device), torch.as_tensor(cont).to(device))
 
-        batch_size = batch_size or (1024 if adata.n_obs >= _LARGE else 128)
-        train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
+        batch_size = opts.batch_size or (1024 if adata.n_obs >= _LARGE else 128)
+        train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
         data = LatentDataModule(
             {
                 FLOW_KEYS.LATENT: z,
@@ -870,24 +838,9 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             n_attributes=flow.condition.n_attributes,
             seed=settings.seed or 0,
         )
-        if early_stopping and len(val_idx) == 0:
+        if opts.early_stopping and len(val_idx) == 0:
             raise ValueError("Early stopping of the flow needs validation cells; lower train_size.")
-        self._run_flow_stage(
-            "flow",
-            flow,
-            data,
-            n_items=len(train_idx),
-            min_steps=4000,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            patience=patience,
-            lr=lr,
-            plan_kwargs=plan_kwargs,
-            trainer_kwargs=trainer_kwargs,
-            accelerator=accelerator,
-            devices=devices,
-        )
+        self._run_flow_stage("flow", flow, data, len(train_idx), 4000, batch_size, opts)
 
     def _train_joint(
         self,
@@ -947,17 +900,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         data,
         n_items: int,
         min_steps: int,
-        max_epochs,
         batch_size: int,
-        early_stopping: bool,
-        patience,
-        lr: float,
-        plan_kwargs: dict,
-        trainer_kwargs: dict,
-        accelerator,
-        devices,
+        opts: FlowStageOptions,
     ) -> None:
-        """Train a flow module (latent or perturbation) with the shared recipe.
+        """Train a flow module (latent, perturbation or translation) with the shared recipe.
 
         About ``max(min_steps, n_cells / 50)`` optimisation steps (5 to 1000 epochs), AdamW,
         early stopping on ``<stage metric>_validation`` with patience ``max(50, epochs // 5)``
@@ -965,10 +911,11 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         plateau for its first few hundred steps (adaLN-Zero starts every block switched off).
         """
         metric = "flow_loss" if stage == "flow" else f"{stage}_loss"
+        trainer_kwargs, patience = opts.trainer_kwargs, opts.patience
         steps_per_epoch = max(1, math.ceil(n_items / batch_size))
         target_steps = max(min_steps, self.adata.n_obs // 50)
-        max_epochs = max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
-        if early_stopping and data.n_val > 0:
+        max_epochs = opts.max_epochs or int(np.clip(round(target_steps / steps_per_epoch), 5, 1000))
+        if opts.early_stopping and data.n_val > 0:
             trainer_kwargs.setdefault("early_stopping", True)
             trainer_kwargs.setdefault("early_stopping_monitor", f"{metric}_validation")
             trainer_kwargs.setdefault(
@@ -979,10 +926,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 min(max_epochs // 2, math.ceil(1500 / steps_per_epoch)),
             )
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **plan_kwargs}
-        plan = FlowTrainingPlan(flow, lr=lr, metric_name=metric, **plan_kwargs)
+        plan_kwargs = {"eps": 1e-8, "optimizer": "AdamW", "weight_decay": 1e-4, **opts.plan_kwargs}
+        plan = FlowTrainingPlan(flow, lr=opts.lr, metric_name=metric, **plan_kwargs)
         flow.train()
-        self._run(stage, plan, data, max_epochs, accelerator, devices, **trainer_kwargs)
+        self._run(stage, plan, data, max_epochs, opts.accelerator, opts.devices, **trainer_kwargs)
         self._set_trained(stage)
 
     def _flow_split(self, n_obs: int, train_size: float, validation_size: float | None):

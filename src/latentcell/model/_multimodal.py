@@ -186,20 +186,7 @@ class MultiModalMixin:
         ]
 
     # ------------------------------------------------------------------ training
-    def _train_translation(
-        self,
-        max_epochs,
-        accelerator,
-        devices,
-        train_size,
-        validation_size,
-        batch_size,
-        early_stopping,
-        patience,
-        lr,
-        plan_kwargs,
-        trainer_kwargs,
-    ) -> None:
+    def _train_translation(self, opts) -> None:
         self._check_stage("vae", "train the translation flow")
         adata = self.adata
         primary = self._modalities()[0]["name"]
@@ -212,7 +199,7 @@ class MultiModalMixin:
                 "The translation flow needs cells measured in every modality; found "
                 f"{int(complete.sum())}."
             )
-        train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
+        train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
         train_idx = train_idx[complete[train_idx]]
         val_idx = val_idx[complete[val_idx]]
         flow = self.module.translation_flow
@@ -220,7 +207,7 @@ class MultiModalMixin:
         z_full_t, z_source_t = torch.as_tensor(z_full), torch.as_tensor(z_source)
         device = flow.latent_mean.device
         flow.set_scaling(z_full_t[rows].to(device), z_source_t[rows].to(device))
-        batch_size = batch_size or 128
+        batch_size = opts.batch_size or 128
         data = LatentDataModule(
             {FLOW_KEYS.LATENT: z_full_t, FLOW_KEYS.SOURCE: z_source_t},
             train_idx,
@@ -229,22 +216,7 @@ class MultiModalMixin:
             n_attributes=1,
             seed=settings.seed or 0,
         )
-        self._run_flow_stage(
-            "translation",
-            flow,
-            data,
-            n_items=len(train_idx),
-            min_steps=3000,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            patience=patience,
-            lr=lr,
-            plan_kwargs=plan_kwargs,
-            trainer_kwargs=trainer_kwargs,
-            accelerator=accelerator,
-            devices=devices,
-        )
+        self._run_flow_stage("translation", flow, data, len(train_idx), 3000, batch_size, opts)
 
     @torch.inference_mode()
     def _observed_modalities(self, adata) -> np.ndarray:

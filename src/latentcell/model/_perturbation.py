@@ -182,20 +182,7 @@ class PerturbationMixin:
             )
 
     # ------------------------------------------------------------------ training
-    def _train_perturbation(
-        self,
-        max_epochs,
-        accelerator,
-        devices,
-        train_size,
-        validation_size,
-        batch_size,
-        early_stopping,
-        patience,
-        lr,
-        plan_kwargs,
-        trainer_kwargs,
-    ) -> None:
+    def _train_perturbation(self, opts) -> None:
         self._check_stage("vae", "train the perturbation flow")
         self._check_perturbation_data()
         state = self._perturbation_state()
@@ -222,8 +209,8 @@ class PerturbationMixin:
                 has_controls |= members
             rows = torch.as_tensor(np.flatnonzero(has_controls))
             flow.set_shift(condition[rows], displacement[rows])
-        train_idx, val_idx = self._flow_split(adata.n_obs, train_size, validation_size)
-        batch_size = batch_size or 256
+        train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
+        batch_size = opts.batch_size or 256
         data = PairedLatentDataModule(
             z,
             condition,
@@ -236,20 +223,7 @@ class PerturbationMixin:
             seed=settings.seed or 0,
         )
         self._run_flow_stage(
-            "perturbation",
-            flow,
-            data,
-            n_items=data.train_set.n_pairs,
-            min_steps=3000,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            patience=patience,
-            lr=lr,
-            plan_kwargs=plan_kwargs,
-            trainer_kwargs=trainer_kwargs,
-            accelerator=accelerator,
-            devices=devices,
+            "perturbation", flow, data, data.train_set.n_pairs, 3000, batch_size, opts
         )
 
     # ------------------------------------------------------------------ queries

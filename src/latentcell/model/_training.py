@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from scvi.train import TrainingPlan
 
 
@@ -47,3 +49,24 @@ class FlowTrainingPlan(TrainingPlan):
     def validation_step(self, batch, batch_idx):
         """Compute the loss on validation latents with fixed noise and times."""
         self._step(batch, f"{self.metric_name}_validation")
+
+
+@dataclass
+class FlowStageOptions:
+    """Training options shared by the flow stages (latent, perturbation, translation flows).
+
+    Built once per stage by :meth:`latentcell.LatentDiffusionModel.train` from its
+    arguments; ``batch_size=None`` lets each stage pick its default.
+    """
+
+    max_epochs: int | None
+    accelerator: str
+    devices: int | list[int] | str
+    train_size: float
+    validation_size: float | None
+    batch_size: int | None
+    early_stopping: bool
+    patience: int | None
+    lr: float
+    plan_kwargs: dict = field(default_factory=dict)
+    trainer_kwargs: dict = field(default_factory=dict)
