@@ -71,3 +71,26 @@ def test_bad_solver_arguments():
         integrate(lambda x, t: x, torch.zeros(1, 1), method="rk45")
     with pytest.raises(ValueError, match="n_steps"):
         integrate(lambda x, t: x, torch.zeros(1, 1), n_steps=0)
+
+
+def test_guided_velocity_combines_conditional_and_null_outputs():
+    from latentcell.module import guided_velocity
+
+    calls = []
+
+    def net(x, t, c):
+        calls.append(x.shape[0])
+        return x * 0 + c[:, None] + t[:, None]
+
+    x, t = torch.zeros(3, 2), torch.full((3,), 0.5)
+    cond, null = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.0, 1.0, 1.0])
+    # scale 1: the conditional output, one call on the batch itself
+    out = guided_velocity(net, x, t, (cond,), (null,), 1.0)
+    torch.testing.assert_close(out, torch.full((3, 2), 2.5))
+    assert calls == [3]
+    # scale w: v_null + w (v_cond - v_null), one call on the doubled batch
+    out = guided_velocity(net, x, t, (cond,), (null,), 3.0)
+    torch.testing.assert_close(out, torch.full((3, 2), 1.5 + 3.0 * 1.0))
+    assert calls == [3, 6]
+    out = guided_velocity(net, x, t, (cond,), (null,), 0.0)
+    torch.testing.assert_close(out, torch.full((3, 2), 1.5))

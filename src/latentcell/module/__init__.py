@@ -11,7 +11,13 @@ from latentcell.module._diffusion import (
 from latentcell.module._flow import OBJECTIVES, LatentFlow
 from latentcell.module._joint import JointModule
 from latentcell.module._multimodal import MODALITY_LIKELIHOODS, MultiModalVAE
-from latentcell.module._path import SAMPLER_METHODS, integrate, interpolate, target_velocity
+from latentcell.module._path import (
+    SAMPLER_METHODS,
+    guided_velocity,
+    integrate,
+    interpolate,
+    target_velocity,
+)
 from latentcell.module._perturbation import PerturbationFlow
 from latentcell.module._translation import TranslationFlow
 
@@ -29,6 +35,7 @@ __all__ = [
     "ddim_sample",
     "ddim_step",
     "diffuse",
+    "guided_velocity",
     "integrate",
     "interpolate",
     "predict_data",

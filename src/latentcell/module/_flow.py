@@ -12,6 +12,7 @@ from latentcell.module._diffusion import DIFFUSION_METHODS, DiffusionMethod, ddi
 from latentcell.module._path import (
     SAMPLER_METHODS,
     SamplerMethod,
+    guided_velocity,
     integrate,
     interpolate,
     target_velocity,
@@ -258,19 +259,11 @@ class LatentFlow(BaseModuleClass):
         x0 = torch.randn(n, self.n_latent, device=device) if noise is None else noise.to(device)
         null_cat = self.condition.null_codes(n, device)
         null_cont = torch.full_like(cont, float("nan"))
-        guided = cfg_scale != 1.0
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.velocity(x, t, cat, cont)
-            both = self.velocity(
-                torch.cat([x, x]),
-                torch.cat([t, t]),
-                torch.cat([cat, null_cat]),
-                torch.cat([cont, null_cont]),
+            return guided_velocity(
+                self.velocity, x, t, (cat, cont), (null_cat, null_cont), cfg_scale
             )
-            v_cond, v_null = both.chunk(2)
-            return v_null + cfg_scale * (v_cond - v_null)
 
         if self.objective == "flow":
             x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)

@@ -27,6 +27,31 @@ def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return x1 - x0
 
 
+def guided_velocity(
+    net: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    condition: tuple[torch.Tensor, ...],
+    null: tuple[torch.Tensor, ...],
+    cfg_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance: ``v_null + cfg_scale * (v_cond - v_null)``.
+
+    ``net(x, t, *condition)`` is the conditional output and ``net(x, t, *null)`` the one
+    under the null condition; both are computed in one doubled batch. ``cfg_scale=1`` returns
+    the conditional output alone (one network call), 0 the unconditional one.
+    """
+    if cfg_scale == 1.0:
+        return net(x, t, *condition)
+    both = net(
+        torch.cat([x, x]),
+        torch.cat([t, t]),
+        *(torch.cat([c, n]) for c, n in zip(condition, null, strict=True)),
+    )
+    v_cond, v_null = both.chunk(2)
+    return v_null + cfg_scale * (v_cond - v_null)
+
+
 def integrate(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,

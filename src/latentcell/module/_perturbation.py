@@ -6,7 +6,13 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
-from latentcell.module._path import SamplerMethod, integrate, interpolate, target_velocity
+from latentcell.module._path import (
+    SamplerMethod,
+    guided_velocity,
+    integrate,
+    interpolate,
+    target_velocity,
+)
 from latentcell.nn import MLPDenoiser
 
 #: Batch keys of the perturbation flow's training pairs.
@@ -160,11 +166,7 @@ class PerturbationFlow(BaseModuleClass):
         null = torch.zeros_like(condition)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if cfg_scale == 1.0:
-                return self.velocity(x, t, condition)
-            both = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([condition, null]))
-            v_cond, v_null = both.chunk(2)
-            return v_null + cfg_scale * (v_cond - v_null)
+            return guided_velocity(self.velocity, x, t, (condition,), (null,), cfg_scale)
 
         x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)
         return x * self.latent_std + self.latent_mean

@@ -7,7 +7,13 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from latentcell._constants import FLOW_KEYS
-from latentcell.module._path import SamplerMethod, integrate, interpolate, target_velocity
+from latentcell.module._path import (
+    SamplerMethod,
+    guided_velocity,
+    integrate,
+    interpolate,
+    target_velocity,
+)
 from latentcell.nn import MLPDenoiser
 
 
@@ -130,16 +136,7 @@ class TranslationFlow(BaseModuleClass):
         keep = torch.zeros(n, dtype=torch.bool, device=device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if cfg_scale == 1.0:
-                return self.velocity(x, t, source, keep)
-            both = self.velocity(
-                torch.cat([x, x]),
-                torch.cat([t, t]),
-                torch.cat([source, source]),
-                torch.cat([keep, ~keep]),
-            )
-            v_cond, v_null = both.chunk(2)
-            return v_null + cfg_scale * (v_cond - v_null)
+            return guided_velocity(self.velocity, x, t, (source, keep), (source, ~keep), cfg_scale)
 
         x = integrate(velocity, x0, n_steps=n_steps, method=method, callback=callback)
         return x * self.latent_std + self.latent_mean
