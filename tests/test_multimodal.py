@@ -790,3 +790,32 @@ def test_nb_mixture_protein_trains_and_translates():
     assert _is_counts(out.X)
     sampled = model.sample(5, seed=0, **FAST)
     assert np.all(np.isfinite(sampled.mod["prot"].layers["latentcell_mean"]))
+
+
+def test_unmeasured_cells_stay_out_of_the_expert_batch_norm():
+    """Cells without protein do not enter the protein expert's batch-norm statistics."""
+    import copy
+
+    complete = _tensors(n=32, seed=3)
+    rna_only = _tensors(n=16, seed=4, n_missing_protein=16)
+    mixed = {k: torch.cat([complete[k], rna_only[k]]) for k in complete}
+    a = _module(modality_dropout=0.0)
+    b = copy.deepcopy(a)
+    a.train()
+    b.train()
+    _qz(a, complete)
+    _qz(b, mixed)
+
+    def stats(m, name):
+        bn = [x for x in m.encoders[name].modules() if isinstance(x, torch.nn.BatchNorm1d)]
+        return bn[0].running_mean, bn[0].running_var
+
+    for got, want in zip(stats(b, "protein"), stats(a, "protein"), strict=True):
+        torch.testing.assert_close(got, want)
+    # control: the RNA expert does see the extra cells
+    assert not torch.allclose(stats(b, "rna")[0], stats(a, "rna")[0])
+    # and in eval mode a complete cell's posterior does not depend on its batch mates
+    a.eval()
+    full = _qz(a, mixed).loc[:32]
+    alone = _qz(a, complete).loc
+    torch.testing.assert_close(full, alone)

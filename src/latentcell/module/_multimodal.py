@@ -104,8 +104,9 @@ class MultiModalVAE(BaseModuleClass):
     the basis of translation between modalities.
 
     A modality counts as not measured for a cell when its row sums to zero (for example a
-    cell without protein measurements); its reconstruction term is skipped and its expert left
-    out.
+    cell without protein measurements); its reconstruction term is skipped and its expert is
+    neither evaluated on it nor part of its posterior (so unmeasured cells do not enter the
+    expert's batch-norm statistics).
 
     Parameters
     ----------
@@ -271,13 +272,18 @@ class MultiModalVAE(BaseModuleClass):
         for name in self.names:
             if use_modalities is not None and name not in use_modalities:
                 continue
-            inp = self._input(name, x[name])
+            # run each expert on the cells that measured its modality only: zero rows of
+            # unmeasured cells would otherwise enter its batch-norm statistics
+            rows = torch.nonzero(observed[name]).squeeze(-1)
+            if rows.numel() == 0 or (self.training and rows.numel() < 2):
+                continue  # (batch norm needs two cells in training)
+            inp = self._input(name, x[name][rows])
             if cont is not None:
-                inp = torch.cat([inp, cont], dim=-1)
-            mean, logvar = self.encoders[name](inp, *cats)
-            w = visible[name].float()[:, None] * torch.exp(-logvar)
-            precision = precision + w
-            weighted = weighted + w * mean
+                inp = torch.cat([inp, cont[rows]], dim=-1)
+            mean, logvar = self.encoders[name](inp, *(c[rows] for c in cats))
+            w = visible[name][rows].float()[:, None] * torch.exp(-logvar)
+            precision = precision.index_add(0, rows, w)
+            weighted = weighted.index_add(0, rows, w * mean)
         qz = Normal(weighted / precision, precision.rsqrt())
         z = qz.rsample()
         library = torch.log(x[primary].sum(-1, keepdim=True).clamp_min(1.0))
