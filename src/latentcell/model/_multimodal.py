@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from latentcell._constants import FLOW_KEYS, LATENT_KEY, MEAN_LAYER
 from latentcell.model._data import LatentDataModule
-from latentcell.model._perturbation import SOURCE_CELL_KEY
+from latentcell.model._perturbation import per_cell_output
 from latentcell.model._validation import check_counts, check_not_view, check_obs_columns
 from latentcell.module._counts import sample_counts
 
@@ -459,18 +459,15 @@ class MultiModalMixin:
                 counts.append(c)
                 means.append(m)
                 latents.append(z.cpu().numpy())
-        src_obs = obs.iloc[indices]
-        out_obs = src_obs.iloc[rep].copy()
-        out_obs = out_obs.drop(columns=[c for c in out_obs.columns if c.startswith("_scvi")])
-        out_obs[SOURCE_CELL_KEY] = src_obs.index.to_numpy()[rep]
-        if n_samples > 1:
-            out_obs.index = [f"{name}-{k % n_samples}" for k, name in enumerate(out_obs.index)]
-        out = AnnData(X=sparse.vstack(counts).tocsr(), obs=out_obs, var=self._modality_var(target))
-        out.layers[MEAN_LAYER] = np.concatenate(means)
-        out.obsm[LATENT_KEY] = np.concatenate(latents).astype(np.float32)
-        out.uns["latentcell"] = {
-            k: v
-            for k, v in dict(
+        out = per_cell_output(
+            obs.iloc[indices],
+            rep,
+            n_samples,
+            counts,
+            means,
+            np.concatenate(latents),
+            self._modality_var(target),
+            dict(
                 task="translate",
                 source=source,
                 target=target,
@@ -479,9 +476,8 @@ class MultiModalMixin:
                 method=method if strategy == "flow" else None,
                 cfg_scale=cfg_scale,
                 seed=seed,
-            ).items()
-            if v is not None
-        }
+            ),
+        )
         if key_added is None:
             return out
         import mudata

@@ -403,37 +403,32 @@ class PerturbationMixin:
                 counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
                 means.append(px.mean.cpu().numpy().astype(np.float32))
 
-        src_obs = adata.obs.iloc[indices]
-        obs = src_obs.iloc[rep].copy()
-        obs = obs.drop(columns=[c for c in obs.columns if c.startswith("_scvi")])
-        obs[SOURCE_CELL_KEY] = src_obs.index.to_numpy()[rep]
-        obs[state["key"]] = pd.Categorical(np.asarray(values, dtype=object)[rep].astype(str))
+        extra = {state["key"]: pd.Categorical(np.asarray(values, dtype=object)[rep].astype(str))}
         if doses is not None:
-            obs[state["dose_key"]] = np.asarray(doses, dtype=float)[rep]
-        if n_samples_per_cell > 1:
-            obs.index = [f"{name}-{k % n_samples_per_cell}" for k, name in enumerate(obs.index)]
-        out = AnnData(
-            X=sparse.vstack(counts).tocsr(),
-            obs=obs,
-            var=pd.DataFrame(index=pd.Index(self.var_names_)),
+            extra[state["dose_key"]] = np.asarray(doses, dtype=float)[rep]
+        var = (
+            self.adata.var.copy()
+            if self.adata is not None
+            else pd.DataFrame(index=pd.Index(self.var_names_))
         )
-        if self.adata is not None:
-            out.var = self.adata.var.copy()
-        out.layers[MEAN_LAYER] = np.concatenate(means)
-        out.obsm[LATENT_KEY] = z_pred[rep].astype(np.float32)
-        out.uns["latentcell"] = {
-            k: v
-            for k, v in dict(
+        return per_cell_output(
+            adata.obs.iloc[indices],
+            rep,
+            n_samples_per_cell,
+            counts,
+            means,
+            z_pred[rep],
+            var,
+            dict(
                 task="predict_perturbation",
                 strategy=strategy,
                 cfg_scale=cfg_scale,
                 n_steps=n_steps,
                 method=method,
                 seed=seed,
-            ).items()
-            if v is not None
-        }
-        return out
+            ),
+            extra_obs=extra,
+        )
 
     def _check_query_columns(self, adata: AnnData) -> None:
         """Name the registered ``obs`` columns a query lacks, before scvi-tools touches it."""
@@ -466,6 +461,39 @@ class PerturbationMixin:
         """Mean training dose of each perturbation's cells (0 for unseen ones)."""
         means = self.perturbation_summary_.get("mean_dose", {})
         return np.array([float(means.get(str(v), 0.0)) for v in values])
+
+
+def per_cell_output(
+    src_obs: pd.DataFrame,
+    rep: np.ndarray,
+    n_samples: int,
+    counts: list,
+    means: list,
+    latents: np.ndarray,
+    var: pd.DataFrame,
+    settings: dict,
+    extra_obs: dict | None = None,
+) -> AnnData:
+    """AnnData of predictions with one row per (source cell, sample).
+
+    The shape :meth:`predict_perturbation` and :meth:`translate` share: the source cells'
+    ``obs`` (without scvi-tools' columns) repeated per sample, ``obs['source_cell']``,
+    ``extra_obs`` columns, rows ``<cell>-<k>`` when ``n_samples > 1``, counts (CSR blocks) in
+    ``.X``, means in ``layers['latentcell_mean']``, latents in ``obsm['X_latentcell']`` and the
+    call's settings (``None`` values left out) in ``uns['latentcell']``.
+    """
+    obs = src_obs.iloc[rep].copy()
+    obs = obs.drop(columns=[c for c in obs.columns if c.startswith("_scvi")])
+    obs[SOURCE_CELL_KEY] = src_obs.index.to_numpy()[rep]
+    for key, value in (extra_obs or {}).items():
+        obs[key] = value
+    if n_samples > 1:
+        obs.index = [f"{name}-{k % n_samples}" for k, name in enumerate(obs.index)]
+    out = AnnData(X=sparse.vstack(counts).tocsr(), obs=obs, var=var)
+    out.layers[MEAN_LAYER] = np.concatenate(means)
+    out.obsm[LATENT_KEY] = np.asarray(latents, dtype=np.float32)
+    out.uns["latentcell"] = {k: v for k, v in settings.items() if v is not None}
+    return out
 
 
 def _per_cell(value, n: int, name: str) -> np.ndarray:
