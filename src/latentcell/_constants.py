@@ -26,3 +26,5 @@ PERTURBATION_FIELD = "perturbation"
 DOSE_FIELD = "dose"
 #: scvi-tools registry key of continuous conditions of the flow that the VAE never sees.
 CONT_CONDITIONS_FIELD = "continuous_conditions"
+#: scvi-tools registry key of the spatial coordinates (``obsm``) of each cell.
+SPATIAL_FIELD = "spatial"

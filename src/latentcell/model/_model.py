@@ -22,6 +22,7 @@ from scvi.data.fields import (
     LayerField,
     NumericalJointObsField,
     NumericalObsField,
+    ObsmField,
 )
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import get_max_epochs_heuristic
@@ -37,17 +38,20 @@ from latentcell._constants import (
     LATENT_KEY,
     MEAN_LAYER,
     PERTURBATION_FIELD,
+    SPATIAL_FIELD,
 )
 from latentcell.model import _io
 from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
+from latentcell.model._spatial import SpatialMixin
 from latentcell.model._training import FlowStageOptions, FlowTrainingPlan
 from latentcell.model._validation import (
     check_counts,
     check_not_view,
     check_obs_columns,
     check_perturbation,
+    check_spatial,
     check_var_names,
 )
 from latentcell.module import (
@@ -91,7 +95,7 @@ class LatentDiffusionModule(torch.nn.Module):
         return next(self.parameters()).device
 
 
-class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
+class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, BaseModelClass):
     """Latent diffusion for single-cell counts.
 
     Stage 1 is a count variational autoencoder (scvi-tools' ``VAE``: negative binomial,
@@ -155,6 +159,14 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
     modality_dropout
         MuData models: fraction of training cells whose encoder sees one of their modalities
         hidden, so that cells measured in one modality encode well (translation).
+    spatial_neighbors
+        Spatial models (``setup_anndata(spatial_key=...)``): observed neighbours whose mean
+        latent (and mean distance) summarise a position's neighbourhood for the flow;
+        0 conditions on the position only.
+    spatial_holes
+        Spatial models: fraction of training cells that also enter the flow's training data
+        with their neighbourhood seen from the edge of a random simulated hole, as it is
+        seen inside a region to impute (:meth:`impute_region`).
     **vae_kwargs
         Further keyword arguments of :class:`scvi.module.VAE`.
 
@@ -188,6 +200,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         perturbation_residual: bool = False,
         protein_likelihood: Literal["nb", "nb_mixture"] = "nb",
         modality_dropout: float = 0.3,
+        spatial_neighbors: int = 10,
+        spatial_holes: float = 0.25,
         **vae_kwargs,
     ):
         if gene_likelihood not in ("nb", "zinb", "poisson"):
@@ -198,7 +212,14 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        if spatial_neighbors < 0 or not 0 <= spatial_holes < 1:
+            raise ValueError(
+                f"spatial_neighbors must be >= 0 and spatial_holes in [0, 1); got "
+                f"{spatial_neighbors} and {spatial_holes}."
+            )
         super().__init__(adata, registry=registry)
+        self._spatial_neighbors, self._spatial_holes = int(spatial_neighbors), float(spatial_holes)
+        spatial = self._spatial_state()
         n_cells = int(self.summary_stats.n_cells)
         large = n_cells >= _LARGE
         flow_n_hidden = flow_n_hidden or (256 if large else 128)
@@ -260,6 +281,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             p_uncond=p_uncond,
             p_drop_attr=p_drop_attr,
             objective=objective,
+            n_spatial=spatial["n_dims"] if spatial else 0,
+            n_context=n_latent + 1 if spatial and spatial_neighbors else 0,
         )
         pert = self._perturbation_state()
         self._perturbation_kwargs = (
@@ -301,6 +324,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             f"{objective} prior, denoiser={denoiser} (hidden {flow_n_hidden}, "
             f"{flow_n_layers} layers), "
             f"conditions={[a['name'] for a in attrs['categorical']] + attrs['continuous']}"
+            + (f", spatial={spatial['key']!r} ({spatial_neighbors} neighbours)" if spatial else "")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -325,6 +349,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         perturbation_separator: str = "+",
         dose_key: str | None = None,
         perturbation_embeddings: pd.DataFrame | str | None = None,
+        spatial_key: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData with the model.
@@ -373,6 +398,13 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             A combination is the sum of its components' vectors. With embeddings, perturbations
             never seen in training can be predicted; without, each single perturbation seen
             in training gets its own one-hot direction.
+        spatial_key
+            Optional ``obsm`` key of the cells' coordinates (2 or 3 columns, e.g.
+            ``"spatial"`` as squidpy writes it). The flow is then conditioned on the position
+            (multi-scale Fourier features) and on a summary of the observed neighbourhood
+            (see ``spatial_neighbors``), so :meth:`sample` takes
+            ``conditions={"spatial": coords}`` and :meth:`impute_region` fills unmeasured
+            regions. Neighbourhoods never cross batches: register one batch per section.
         """
         if perturbation_key is not None:
             perturbation_embeddings = check_perturbation(
@@ -388,6 +420,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         setup_method_args = cls._get_setup_method_args(**locals())
         check_not_view(adata)
         check_counts(adata, layer)
+        if spatial_key is not None:
+            check_spatial(adata, spatial_key)
         categorical = [k for k in [labels_key, batch_key, *(categorical_covariate_keys or [])] if k]
         both = set(continuous_covariate_keys or []) & set(continuous_condition_keys or [])
         if both:
@@ -408,6 +442,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             NumericalJointObsField(_CONT_COVS, continuous_covariate_keys),
             NumericalJointObsField(CONT_CONDITIONS_FIELD, continuous_condition_keys),
         ]
+        if spatial_key is not None:
+            anndata_fields.append(ObsmField(SPATIAL_FIELD, spatial_key))
         if perturbation_key is not None:
             anndata_fields.append(CategoricalObsField(PERTURBATION_FIELD, perturbation_key))
         if dose_key is not None:
@@ -476,6 +512,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             "cat_covs": get(_CAT_COVS, np.int64),
             "cont_covs": get(_CONT_COVS, np.float32),
             "cont_conds": get(CONT_CONDITIONS_FIELD, np.float32),
+            "spatial": get(SPATIAL_FIELD, np.float32),
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
 
@@ -492,8 +529,9 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         n = len(codes["labels"])
         cat = np.stack(columns, axis=1) if columns else np.zeros((n, 0), dtype=np.int64)
         cont = codes["cont_covs"]
-        if "cont_conds" in codes and codes["cont_conds"].shape[1]:
-            cont = np.concatenate([cont, codes["cont_conds"]], axis=1)
+        for key in ("cont_conds", "spatial"):
+            if key in codes and codes[key].shape[1]:
+                cont = np.concatenate([cont, codes[key]], axis=1)
         return cat.astype(np.int64), cont.astype(np.float32)
 
     # ------------------------------------------------------------------ checks
@@ -822,10 +860,14 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         cat, cont = self._flow_codes(codes)
         flow = self.module.flow
         device = flow.latent_mean.device
-        flow.set_scaling(z.to(device), torch.as_tensor(cont).to(device))
 
         batch_size = opts.batch_size or (1024 if adata.n_obs >= _LARGE else 128)
         train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
+        z, cat, cont, train_idx, val_idx = self._spatial_flow_rows(
+            z.numpy(), cat, cont, codes, train_idx, val_idx
+        )
+        z = torch.as_tensor(z)
+        flow.set_scaling(z.to(device), torch.as_tensor(cont).to(device))
         data = LatentDataModule(
             {
                 FLOW_KEYS.LATENT: z,
@@ -854,6 +896,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         trainer_kwargs: dict,
     ) -> None:
         self._check_stage("flow", "fine-tune jointly")
+        if self._spatial_state():
+            raise ValueError("The 'joint' stage is not available for spatial models yet.")
         cat, cont = self._flow_codes(self._registered_codes(self.adata))
         train_idx, val_idx = self._flow_split(self.adata.n_obs, 0.9, None)
         data = CountsDataModule(
@@ -1121,7 +1165,10 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             columns (e.g. ``held_out.obs[["cell_type"]]``). Conditions not given are left to
             the flow (null token); the decoder's batch/covariates and the library size come
             from a training cell drawn among those matching the given categorical
-            conditions.
+            conditions. Spatial models also take ``{"spatial": coords}``, an array
+            ``(n_samples, n_dims)`` of positions: each cell is generated at its position,
+            given the neighbourhood of training cells there, and its library size and
+            covariates come from one of those neighbours.
         n_steps
             Solver steps (``"midpoint"`` and ``"heun"`` evaluate the network twice per step).
         method
@@ -1149,7 +1196,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
         ``layers['latentcell_mean']``, the conditions (requested, or drawn with the
         reference cell for decoder covariates) in ``obs``, the generated latents in
         ``obsm['X_latentcell']``, the training genes as ``var`` and the call's settings in
-        ``uns['latentcell']``.
+        ``uns['latentcell']``. With positions (spatial models), also the positions in
+        ``obsm[spatial_key]``.
         """
         self._check_stage("flow" if latent_prior == "flow" else "vae", "sample")
         objective = self.module.flow.objective
@@ -1163,12 +1211,65 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             raise ValueError(f"latent_prior must be 'flow' or 'normal', got {latent_prior!r}.")
         if not self.reference_:
             raise RuntimeError("The model has no reference cells; call model.train() first.")
+        coords, conditions = self._spatial_request(conditions)
+        if coords is not None:
+            if n_samples is not None and n_samples != len(coords):
+                raise ValueError(
+                    f"n_samples={n_samples} but {len(coords)} positions were given; one cell is "
+                    f"generated per position, so leave n_samples=None."
+                )
+            n_samples = len(coords)
         frame = self._parse_conditions(n_samples, conditions)
+        return self._generate(
+            frame, n_steps, method, cfg_scale, seed, batch_size, latent_prior, progress_bar, coords
+        )
+
+    def _generate(
+        self,
+        frame: pd.DataFrame,
+        n_steps: int,
+        method: str,
+        cfg_scale: float,
+        seed: int | None,
+        batch_size: int,
+        latent_prior: str,
+        progress_bar: bool,
+        coords: np.ndarray | None = None,
+        pool: Mapping | None = None,
+        use_neighbourhood: bool = True,
+    ):
+        """Generate one cell per row of parsed conditions (and per position, if given).
+
+        ``pool`` holds the observed cells (positions, latents, registered codes) that
+        neighbourhoods of the positions are taken from; ``None`` uses the training cells.
+        """
         n = len(frame)
         rng = np.random.default_rng(seed)
-        ref_rows = self._reference_rows(frame, rng)
-        ref = {k: v[ref_rows] for k, v in self.reference_.items()}
         attrs = self._condition_attributes()
+        spatial = self._spatial_state()
+        if coords is not None and spatial["n_neighbors"] and use_neighbourhood:
+            pool = pool or self._reference_pool()
+            batch_attr = [
+                i
+                for i, a in enumerate(attrs["categorical"])
+                if a["source"] == REGISTRY_KEYS.BATCH_KEY and a["name"] in frame
+            ]
+            query_groups = (
+                pd.Categorical(
+                    frame[attrs["categorical"][batch_attr[0]]["name"]],
+                    categories=attrs["categorical"][batch_attr[0]]["categories"],
+                ).codes
+                if batch_attr and pool["groups"] is not None
+                else None
+            )
+            spatial_cols, ref_rows = self._spatial_columns(
+                n, coords, pool, query_groups, rng, use_neighbourhood
+            )
+            ref = {k: np.asarray(v)[ref_rows] for k, v in pool["codes"].items()}
+        else:
+            spatial_cols, _ = self._spatial_columns(n, coords, None, None, rng, False)
+            ref_rows = self._reference_rows(frame, rng)
+            ref = {k: v[ref_rows] for k, v in self.reference_.items()}
 
         # Flow conditions: requested values, null tokens (or NaN) otherwise.
         flow_cat = (
@@ -1197,6 +1298,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
             if attrs["continuous"]
             else np.zeros((n, 0), dtype=np.float32)
         )
+        flow_cont = np.concatenate([flow_cont, spatial_cols], axis=1)
         # Decoder covariates: requested values override the reference cell's.
         for i, a in enumerate(attrs["categorical"]):
             if a["name"] not in frame:
@@ -1262,9 +1364,11 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, BaseModelClass):
                 cfg_scale=cfg_scale,
                 seed=seed,
                 latent_prior=latent_prior,
-                requested=list(frame.columns),
+                requested=list(frame.columns) + (["spatial"] if coords is not None else []),
             ),
         )
+        if coords is not None:
+            rna.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
         return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
 
     def sample_path(

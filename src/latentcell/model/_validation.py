@@ -189,3 +189,25 @@ def check_perturbation(
             f"cells."
         )
     return {"names": list(names), "values": matrix.tolist()}
+
+
+def check_spatial(adata: AnnData, spatial_key: str) -> None:
+    """Require ``obsm[spatial_key]``: finite 2-D or 3-D coordinates, one row per cell."""
+    if spatial_key not in adata.obsm:
+        raise ValueError(
+            f"spatial_key={spatial_key!r} not found in adata.obsm (keys: "
+            f"{list(adata.obsm.keys())}). Put the cell coordinates there, e.g. "
+            f"adata.obsm['spatial'] = adata.obs[['x', 'y']].to_numpy()."
+        )
+    coords = adata.obsm[spatial_key]
+    coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] not in (2, 3):
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must have 2 or 3 columns (x, y[, z]); got shape "
+            f"{coords.shape}."
+        )
+    if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must hold finite numbers; drop the cells without "
+            f"coordinates first."
+        )

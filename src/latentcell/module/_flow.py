@@ -41,6 +41,12 @@ class LatentFlow(BaseModuleClass):
         Number of categories of each categorical condition.
     n_continuous
         Number of continuous conditions.
+    n_spatial
+        Dimension of a spatial position condition (0: none).
+    n_context
+        Length of a neighbourhood-summary condition (0: none). Continuous inputs are the
+        scalars, then the position, then the summary (see
+        :class:`latentcell.nn.ConditionEmbedding`); all are standardised per column.
     denoiser
         ``"dit"`` (transformer over latent tokens) or ``"mlp"`` (residual MLP).
     n_hidden
@@ -77,6 +83,8 @@ class LatentFlow(BaseModuleClass):
         p_uncond: float = 0.1,
         p_drop_attr: float = 0.1,
         objective: Objective = "flow",
+        n_spatial: int = 0,
+        n_context: int = 0,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -85,7 +93,10 @@ class LatentFlow(BaseModuleClass):
         self.n_latent = n_latent
         self.p_uncond = p_uncond
         self.p_drop_attr = p_drop_attr
-        self.condition = ConditionEmbedding(n_cats_per_attr, n_continuous, n_hidden)
+        self.condition = ConditionEmbedding(
+            n_cats_per_attr, n_continuous, n_hidden, n_spatial=n_spatial, n_context=n_context
+        )
+        n_continuous = n_continuous + n_spatial + n_context
         if denoiser == "dit":
             self.denoiser = DiTDenoiser(
                 n_latent,

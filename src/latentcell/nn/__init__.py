@@ -1,13 +1,19 @@
 """Building blocks: embeddings and denoisers. Knows neither AnnData nor the model."""
 
 from latentcell.nn._denoisers import AdaLNZero, DiTBlock, DiTDenoiser, MLPDenoiser
-from latentcell.nn._embeddings import ConditionEmbedding, TimeEmbedding, sinusoidal_embedding
+from latentcell.nn._embeddings import (
+    ConditionEmbedding,
+    FourierFeatures,
+    TimeEmbedding,
+    sinusoidal_embedding,
+)
 
 __all__ = [
     "AdaLNZero",
     "ConditionEmbedding",
     "DiTBlock",
     "DiTDenoiser",
+    "FourierFeatures",
     "MLPDenoiser",
     "TimeEmbedding",
     "sinusoidal_embedding",

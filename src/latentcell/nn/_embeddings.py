@@ -63,6 +63,45 @@ class TimeEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.n_frequencies))
 
 
+class FourierFeatures(nn.Module):
+    """Random Fourier features of a position, at several spatial scales.
+
+    A position ``x`` (standardised coordinates, shape ``(batch, n_dims)``) is mapped to
+    ``[cos(2 pi x B), sin(2 pi x B)]`` with a fixed Gaussian matrix ``B`` whose columns are
+    drawn with standard deviation ``scale`` (in cycles per unit of ``x``) for each scale in
+    ``scales``: the coarse scales tell the network where in the tissue a cell is, the fine
+    ones resolve structures a few cell widths across. ``B`` is a buffer drawn from a fixed
+    seed, so it is saved with the weights and identical between runs.
+
+    Parameters
+    ----------
+    n_dims
+        Dimension of the positions (2 or 3).
+    n_per_scale
+        Frequencies drawn per scale.
+    scales
+        Standard deviations of the frequencies, in cycles per unit of the input.
+    """
+
+    def __init__(
+        self, n_dims: int, n_per_scale: int = 32, scales: tuple[float, ...] = (0.5, 2.0, 8.0)
+    ):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        blocks = [torch.randn(n_dims, n_per_scale, generator=gen) * s for s in scales]
+        self.register_buffer("frequencies", torch.cat(blocks, dim=1))
+
+    @property
+    def n_features(self) -> int:
+        """Number of output features."""
+        return 2 * self.frequencies.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(batch, n_features)`` of positions ``(batch, n_dims)``."""
+        args = 2 * math.pi * x.float() @ self.frequencies
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
 class ConditionEmbedding(nn.Module):
     """Sum of per-attribute embeddings, each with its own learned null token.
 
@@ -70,7 +109,10 @@ class ConditionEmbedding(nn.Module):
     ``n_i + 1`` rows; row ``n_i`` is the null token used for classifier-free guidance and
     for attributes left unspecified at sampling time. Each continuous attribute is embedded
     by a small MLP of its (standardised) value, and replaced by its own learned null vector
-    where dropped.
+    where dropped. Two optional vector-valued attributes follow the continuous ones: a
+    spatial position (Fourier features, :class:`FourierFeatures`, then an MLP) and a
+    neighbourhood summary (an MLP of a fixed-length vector); each is one attribute with one
+    null vector, used where any of its entries is NaN or where it is dropped.
 
     Parameters
     ----------
@@ -80,13 +122,44 @@ class ConditionEmbedding(nn.Module):
         Number of continuous attributes.
     n_hidden
         Embedding width.
+    n_spatial
+        Dimension of the spatial position (0: no position attribute).
+    n_context
+        Length of the neighbourhood summary (0: no neighbourhood attribute).
+
+    Notes
+    -----
+    The continuous input ``cont`` holds, in this order, the ``n_continuous`` scalars, the
+    ``n_spatial`` coordinates and the ``n_context`` summary entries.
     """
 
-    def __init__(self, n_cats_per_attr: list[int], n_continuous: int, n_hidden: int):
+    def __init__(
+        self,
+        n_cats_per_attr: list[int],
+        n_continuous: int,
+        n_hidden: int,
+        n_spatial: int = 0,
+        n_context: int = 0,
+    ):
         super().__init__()
         self.n_cats_per_attr = list(n_cats_per_attr)
         self.n_continuous = n_continuous
+        self.n_spatial = n_spatial
+        self.n_context = n_context
         self.n_hidden = n_hidden
+        self.vector_embeddings = nn.ModuleList()
+        self.vector_slices: list[tuple[int, int]] = []
+        if n_spatial:
+            fourier = FourierFeatures(n_spatial)
+            self.vector_embeddings.append(
+                nn.Sequential(fourier, *_mlp(fourier.n_features, n_hidden))
+            )
+            self.vector_slices.append((n_continuous, n_continuous + n_spatial))
+        if n_context:
+            self.vector_embeddings.append(nn.Sequential(*_mlp(n_context, n_hidden)))
+            start = n_continuous + n_spatial
+            self.vector_slices.append((start, start + n_context))
+        self.vector_null = nn.Parameter(torch.zeros(len(self.vector_embeddings), n_hidden))
         self.cat_embeddings = nn.ModuleList(nn.Embedding(n + 1, n_hidden) for n in n_cats_per_attr)
         self.cont_embeddings = nn.ModuleList(
             nn.Sequential(nn.Linear(1, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden))
@@ -98,8 +171,8 @@ class ConditionEmbedding(nn.Module):
 
     @property
     def n_attributes(self) -> int:
-        """Number of attributes (categorical first, then continuous)."""
-        return len(self.n_cats_per_attr) + self.n_continuous
+        """Number of attributes (categorical, continuous, then position and neighbourhood)."""
+        return len(self.n_cats_per_attr) + self.n_continuous + len(self.vector_embeddings)
 
     def null_codes(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """Categorical codes of ``n`` samples that all point at the null tokens."""
@@ -120,7 +193,7 @@ class ConditionEmbedding(nn.Module):
             Integer codes ``(batch, n_categorical)``; a code equal to the attribute's number of
             categories selects its null token.
         cont
-            Standardised values ``(batch, n_continuous)``.
+            Standardised values ``(batch, n_continuous + n_spatial + n_context)``.
         drop
             Boolean mask ``(batch, n_attributes)``; ``True`` replaces that attribute by its
             null token.
@@ -145,4 +218,18 @@ class ConditionEmbedding(nn.Module):
                 is_null = is_null | drop[:, n_cat + j]
             e = emb(torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
             out = out + torch.where(is_null[:, None], self.cont_null[j].expand_as(e), e)
+        n_scalar = n_cat + self.n_continuous
+        for j, (emb, (lo, hi)) in enumerate(
+            zip(self.vector_embeddings, self.vector_slices, strict=True)
+        ):
+            value = cont[:, lo:hi]
+            is_null = ~torch.isfinite(value).all(dim=1)
+            if drop is not None:
+                is_null = is_null | drop[:, n_scalar + j]
+            e = emb(torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
+            out = out + torch.where(is_null[:, None], self.vector_null[j].expand_as(e), e)
         return out
+
+
+def _mlp(n_in: int, n_hidden: int) -> list[nn.Module]:
+    return [nn.Linear(n_in, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden)]
