@@ -93,3 +93,41 @@ def test_expression_along_path_lines_follow_the_data():
         lc.pl.expression_along_path(gen, ["up"], "missing")
     with pytest.raises(ValueError, match="lacks gene"):
         lc.pl.expression_along_path(gen, ["nope"], "t")
+
+
+def _spatial_pair(n=60, n_genes=5, seed=0):
+    import anndata as ad
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    real = ad.AnnData(sparse.csr_matrix(rng.poisson(3.0, (n, n_genes)).astype(np.float32)))
+    real.var_names = [f"g{i}" for i in range(n_genes)]
+    real.obsm["spatial"] = rng.uniform(0, 10, (n, 2))
+    region = real[:10].copy()
+    region.X = sparse.csr_matrix(rng.poisson(9.0, (10, n_genes)).astype(np.float32))
+    return real, region
+
+
+def test_imputed_region_replaces_the_region_and_shares_the_colour_scale():
+    real, region = _spatial_pair()
+    before = real.X.toarray().copy()
+    fig = lc.pl.imputed_region(real, region, ["g0", "g3"], return_fig=True)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4  # two genes x (measured, imputed)
+    measured, imputed = panels[0], panels[1]
+    assert measured.collections[0].get_offsets().shape == (60, 2)
+    # the imputed panel shows the 50 cells outside the region, then the 10 generated ones
+    assert [c.get_offsets().shape[0] for c in imputed.collections] == [50, 10]
+    assert imputed.collections[0].get_clim() == measured.collections[0].get_clim()
+    np.testing.assert_array_equal(real.X.toarray(), before)
+
+
+def test_imputed_region_errors():
+    real, region = _spatial_pair()
+    with pytest.raises(ValueError, match="lacks gene"):
+        lc.pl.imputed_region(real, region, ["nope"])
+    with pytest.raises(ValueError, match="at least one gene"):
+        lc.pl.imputed_region(real, region, [])
+    del region.obsm["spatial"]
+    with pytest.raises(ValueError, match="imputed.obsm has no 'spatial'"):
+        lc.pl.imputed_region(real, region, ["g0"])

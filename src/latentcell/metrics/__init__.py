@@ -30,6 +30,7 @@ from latentcell.metrics._perturbation import (
 )
 from latentcell.metrics._prdc import precision_recall_density_coverage
 from latentcell.metrics._space import EvalSpace, fit_eval_space, log1p_cp10k
+from latentcell.metrics._spatial import smoothed_gene_correlation, smoothing_matrix
 
 __all__ = [
     "EvalSpace",
@@ -50,6 +51,8 @@ __all__ = [
     "r2_mean_expression",
     "real_vs_real_null",
     "score_perturbation",
+    "smoothed_gene_correlation",
+    "smoothing_matrix",
     "top_de_genes",
     "wasserstein",
 ]

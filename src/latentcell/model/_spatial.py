@@ -94,7 +94,9 @@ def simulate_holes(
 
     Each hole is the ``s`` cells nearest to a random cell of one group, with ``s``
     log-uniform between ``min_size`` and ``max_fraction`` of the group's cells, so small and
-    large unmeasured regions are both represented.
+    large unmeasured regions are both represented. Holes never cover more than half of a
+    group, so every hole has observed cells around it; in small groups the mask may
+    therefore cover less than ``fraction``.
 
     Returns
     -------
@@ -106,16 +108,22 @@ def simulate_holes(
     members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
     trees = {g: cKDTree(coords[m]) for g, m in members.items()}
     target = fraction * len(coords)
-    while in_hole.sum() < target:
+    for _ in range(100 * len(coords)):  # bounded: small sections may make the target unreachable
+        if in_hole.sum() >= target:
+            break
         center = int(rng.integers(len(coords)))
         group = groups[center]
-        n_group = len(members[group])
-        hi = max(min_size, int(max_fraction * n_group))
-        size = min(n_group - 1, int(np.exp(rng.uniform(np.log(min_size), np.log(hi)))))
+        member = members[group]
+        hi = max(min_size, int(max_fraction * len(member)))
+        size = min(len(member) - 1, int(np.exp(rng.uniform(np.log(min_size), np.log(hi)))))
         if size < 1:
-            break
+            continue
         _, idx = trees[group].query(coords[center], k=size)
-        in_hole[members[group][np.atleast_1d(idx)]] = True
+        hole = member[np.atleast_1d(idx)]
+        # a section keeps at least half of its cells observed, so every hole has an edge
+        if (in_hole[member].sum() + (~in_hole[hole]).sum()) * 2 > len(member):
+            continue
+        in_hole[hole] = True
     return in_hole
 
 
