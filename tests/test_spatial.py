@@ -679,3 +679,16 @@ def test_save_load_round_trip(trained, tmp_path):
     )
     without_data = LDM.load(tmp_path / "m")  # the reference cells travel with the weights
     _same(a, without_data.sample(conditions={"spatial": coords}, seed=0, **FAST))
+
+
+def test_squidpy_reads_imputed_cells_as_they_are(trained, tmp_path):
+    sq = pytest.importorskip("squidpy", reason="squidpy is the optional extra latentcell[spatial]")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = trained.impute_region(_region(trained.adata), seed=0, **FAST)
+    sq.gr.spatial_neighbors(out, coord_type="generic", n_neighs=6)
+    assert out.obsp["spatial_connectivities"].shape == (out.n_obs, out.n_obs)
+    assert out.obsp["spatial_connectivities"].sum(axis=1).min() > 0
+    out.var_names = [str(g) for g in out.var_names]
+    sq.pl.spatial_scatter(out, color=out.var_names[0], shape=None, save=tmp_path / "region.png")
