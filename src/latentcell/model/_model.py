@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
@@ -45,6 +46,7 @@ from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
 from latentcell.model._spatial import SpatialMixin
+from latentcell.model._stream import H5adWriter
 from latentcell.model._training import FlowStageOptions, FlowTrainingPlan
 from latentcell.model._validation import (
     check_counts,
@@ -53,6 +55,7 @@ from latentcell.model._validation import (
     check_perturbation,
     check_spatial,
     check_var_names,
+    row_sums,
 )
 from latentcell.module import (
     DIFFUSION_METHODS,
@@ -504,8 +507,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             values = values.to_numpy() if isinstance(values, pd.DataFrame) else values
             return np.asarray(values, dtype=dtype).reshape(n, -1)
 
-        x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        library = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+        library = row_sums(manager.get_from_registry(REGISTRY_KEYS.X_KEY), n)
         return {
             "labels": get(REGISTRY_KEYS.LABELS_KEY, np.int64)[:, 0],
             "batch": get(REGISTRY_KEYS.BATCH_KEY, np.int64)[:, 0],
@@ -1151,6 +1153,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
         batch_size: int = 1024,
         latent_prior: Literal["flow", "normal"] = "flow",
         progress_bar: bool = True,
+        out_path: str | Path | None = None,
     ) -> AnnData:
         """Generate cells.
 
@@ -1186,6 +1189,11 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             no flow; a baseline, which ignores the conditions except through the decoder).
         progress_bar
             Show a progress bar.
+        out_path
+            Write the cells to this ``.h5ad`` file batch by batch instead of keeping them in
+            memory, and return the file opened backed (``backed="r"``): for millions of
+            cells, memory then stays at one batch. The decoded means are not stored in this
+            mode (they are dense); everything else is as described below.
 
         Returns
         -------
@@ -1221,7 +1229,16 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             n_samples = len(coords)
         frame = self._parse_conditions(n_samples, conditions)
         return self._generate(
-            frame, n_steps, method, cfg_scale, seed, batch_size, latent_prior, progress_bar, coords
+            frame,
+            n_steps,
+            method,
+            cfg_scale,
+            seed,
+            batch_size,
+            latent_prior,
+            progress_bar,
+            coords,
+            out_path=out_path,
         )
 
     def _generate(
@@ -1237,6 +1254,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
         coords: np.ndarray | None = None,
         pool: Mapping | None = None,
         use_neighbourhood: bool = True,
+        out_path: str | Path | None = None,
     ):
         """Generate one cell per row of parsed conditions (and per position, if given).
 
@@ -1313,6 +1331,30 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
                 ref["cont_covs"] = ref["cont_covs"].copy()
                 ref["cont_covs"][:, j] = flow_cont[:, j]
 
+        settings_used = dict(
+            n_steps=n_steps,
+            method=method,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            latent_prior=latent_prior,
+            requested=list(frame.columns) + (["spatial"] if coords is not None else []),
+        )
+        writer = None
+        if out_path is not None:
+            if self.is_multimodal:
+                raise ValueError("out_path is not available for MuData models yet.")
+            skeleton = self._generated_anndata(
+                sparse.csr_matrix((n, len(self.var_names_)), dtype=np.float32),
+                None,
+                np.zeros((n, self.module.flow.n_latent), dtype=np.float32),
+                frame,
+                ref,
+                {**settings_used, "out_path": str(out_path)},
+            )
+            if coords is not None:
+                skeleton.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
+            writer = H5adWriter(out_path, skeleton)
+
         device = self.module.device
         self.module.eval()
         parts: dict[str, tuple[list, list]] = {}
@@ -1344,29 +1386,22 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
                     z = noise.to(device)
                     bar.update(1)
                 px = self._decode(z, {k: v[sl] for k, v in ref.items()})
+                if writer is not None:
+                    writer.append(self._draw(px)["rna"][0], z.cpu().numpy())
+                    continue
                 for name, (c, m) in self._draw(px).items():
                     parts.setdefault(name, ([], []))
                     parts[name][0].append(c)
                     parts[name][1].append(m)
                 latents.append(z.cpu().numpy())
+        if writer is not None:
+            writer.close()
+            return anndata.read_h5ad(out_path, backed="r")
         parts = {
             name: (sparse.vstack(c).tocsr(), np.concatenate(m)) for name, (c, m) in parts.items()
         }
         latents = np.concatenate(latents)
-        rna = self._generated_anndata(
-            *parts["rna"],
-            latents,
-            frame,
-            ref,
-            dict(
-                n_steps=n_steps,
-                method=method,
-                cfg_scale=cfg_scale,
-                seed=seed,
-                latent_prior=latent_prior,
-                requested=list(frame.columns) + (["spatial"] if coords is not None else []),
-            ),
-        )
+        rna = self._generated_anndata(*parts["rna"], latents, frame, ref, settings_used)
         if coords is not None:
             rna.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
         return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
@@ -1484,7 +1519,8 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
         else:
             var = pd.DataFrame(index=pd.Index(self.var_names_))
         out = AnnData(X=counts, obs=obs, var=var)
-        out.layers[MEAN_LAYER] = means
+        if means is not None:
+            out.layers[MEAN_LAYER] = means
         out.obsm[LATENT_KEY] = latents
         out.uns["latentcell"] = {k: v for k, v in settings_used.items() if v is not None}
         return out
@@ -1575,8 +1611,6 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             )
         registry = metadata["registry"]
         if adata is None and (Path(dir_path) / _io.ADATA_FILE).exists():
-            import anndata
-
             adata = anndata.read_h5ad(Path(dir_path) / _io.ADATA_FILE)
         elif adata is None and (Path(dir_path) / _io.MDATA_FILE).exists():
             import mudata

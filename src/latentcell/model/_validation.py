@@ -24,10 +24,31 @@ def _stored_values(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def row_blocks(x, n_rows: int, block: int = 8192):
+    """Yield in-memory blocks of consecutive rows of ``x``.
+
+    Works for numpy arrays, scipy sparse matrices and the on-disk matrices of a backed
+    AnnData (h5py datasets, anndata's sparse datasets), so a pass over a matrix holds one
+    block in memory, never the whole matrix.
+    """
+    for start in range(0, n_rows, block):
+        yield x[start : min(start + block, n_rows)]
+
+
+def row_sums(x, n_rows: int) -> np.ndarray:
+    """Total of each row of ``x`` (in memory or on disk), block by block."""
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate(
+        [np.asarray(b.sum(axis=1), dtype=np.float64).ravel() for b in row_blocks(x, n_rows)]
+    )
+
+
 def check_counts(adata: AnnData, layer: str | None, allow_empty_cells: bool = False) -> None:
     """Check that the matrix used by a count likelihood holds finite non-negative integers.
 
     ``allow_empty_cells`` accepts cells without counts (a modality not measured in them).
+    The matrix is read in blocks of rows, so a backed AnnData is never loaded whole.
 
     Raises
     ------
@@ -44,32 +65,42 @@ def check_counts(adata: AnnData, layer: str | None, allow_empty_cells: bool = Fa
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise ValueError(f"{where} is empty; store raw counts there or pass layer=...")
-    values = _stored_values(x)
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{where} has dtype {values.dtype}; expected numeric counts.")
-    n_bad = int((~np.isfinite(values)).sum())
+    n_bad = n_neg = n_frac = 0
+    minimum, example = np.inf, None
+    totals = []
+    for block in row_blocks(x, adata.n_obs):
+        values = _stored_values(block)
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"{where} has dtype {values.dtype}; expected numeric counts.")
+        finite = np.isfinite(values)
+        n_bad += int((~finite).sum())
+        values = values[finite]
+        n_neg += int((values < 0).sum())
+        minimum = min(minimum, float(values.min())) if values.size else minimum
+        frac = np.abs(values - np.round(values)) > 1e-6
+        n_frac += int(frac.sum())
+        if example is None and frac.any():
+            example = float(values[frac][0])
+        totals.append(np.asarray(block.sum(axis=1), dtype=np.float64).ravel())
     if n_bad:
         raise ValueError(
             f"{where} contains {n_bad} NaN or infinite values. Count likelihoods need finite "
             f"non-negative integer counts: fix or drop the affected cells/genes first."
         )
-    n_neg = int((values < 0).sum())
     if n_neg:
         raise ValueError(
-            f"{where} contains {n_neg} negative values (minimum {values.min():g}). This looks "
+            f"{where} contains {n_neg} negative values (minimum {minimum:g}). This looks "
             f"like scaled or centred data; pass the raw counts with layer=... instead."
         )
-    frac = values - np.round(values)
-    n_frac = int((np.abs(frac) > 1e-6).sum())
     if n_frac:
         raise ValueError(
             f"{where} contains {n_frac} non-integer values "
-            f"(e.g. {values[np.abs(frac) > 1e-6][0]:g}). gene_likelihood 'nb', 'zinb' and "
+            f"(e.g. {example:g}). gene_likelihood 'nb', 'zinb' and "
             f"'poisson' model raw integer counts; this "
             f"looks normalised or log-transformed. Pass the layer holding raw counts with "
             f"layer=..., or round recovered counts explicitly."
         )
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    totals = np.concatenate(totals) if totals else np.zeros(0)
     empty = np.flatnonzero(totals <= 0)
     if empty.size and not allow_empty_cells:
         names = ", ".join(map(str, adata.obs_names[empty[:3]]))

@@ -1,0 +1,96 @@
+"""Data that does not fit in memory: backed AnnData in, generated cells streamed to disk."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+import latentcell as lc
+from latentcell.model._validation import row_blocks, row_sums
+
+from .conftest import FAST_MODEL
+
+TINY_TRAIN = dict(max_epochs=2, flow_max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(tmp_path, dense=False, mutate=None):
+    adata = lc.datasets.synthetic_counts(n_cells=200, n_genes=30, seed=0)
+    x = adata.layers["counts"]
+    x = np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float32)
+    if mutate is not None:
+        mutate(x)
+    out = ad.AnnData(
+        X=x if dense else sparse.csr_matrix(x), obs=adata.obs[["cell_type", "batch"]].copy()
+    )
+    path = tmp_path / "counts.h5ad"
+    out.write_h5ad(path)
+    return path, out
+
+
+def test_row_blocks_and_sums_cover_every_row(tmp_path):
+    path, mem = _write(tmp_path)
+    backed = ad.read_h5ad(path, backed="r")
+    blocks = list(row_blocks(backed.X, backed.n_obs, block=64))
+    assert [b.shape[0] for b in blocks] == [64, 64, 64, 8]
+    np.testing.assert_allclose(row_sums(backed.X, backed.n_obs), mem.X.sum(axis=1).A1)
+    assert row_sums(mem.X, 0).shape == (0,)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_training_on_backed_anndata_matches_in_memory_setup(tmp_path, dense):
+    path, mem = _write(tmp_path, dense=dense)
+    backed = ad.read_h5ad(path, backed="r")
+    lc.LatentDiffusionModel.setup_anndata(backed, labels_key="cell_type", batch_key="batch")
+    model = lc.LatentDiffusionModel(backed, **FAST_MODEL)
+    model.train(seed=0, **TINY_TRAIN)
+    assert backed.isbacked
+    np.testing.assert_allclose(
+        np.exp(model.reference_["log_library"]), np.asarray(mem.X.sum(axis=1)).ravel(), rtol=1e-5
+    )
+    z = model.get_latent_representation(key_added=None)
+    assert z.shape == (200, FAST_MODEL["n_latent"]) and np.isfinite(z).all()
+    out = model.sample(20, conditions={"cell_type": "type_0"}, seed=0, progress_bar=False)
+    assert out.n_obs == 20
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda x: x.__setitem__((150, 3), 0.5), "non-integer"),
+        (lambda x: x.__setitem__((190, 1), -2.0), "negative"),
+        (lambda x: x.__setitem__(199, 0.0), "1 of 200 cells have no counts"),
+    ],
+)
+def test_bad_counts_are_found_in_backed_files(tmp_path, mutate, match):
+    path, _ = _write(tmp_path, mutate=mutate)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=match):
+        lc.LatentDiffusionModel.setup_anndata(backed)
+    assert "_scvi_uuid" not in backed.uns
+
+
+def test_sample_to_disk_equals_sampling_in_memory(trained, tmp_path):
+    path = tmp_path / "generated.h5ad"
+    kwargs = dict(conditions={"cell_type": "type_1"}, seed=3, batch_size=16, progress_bar=False)
+    on_disk = trained.sample(50, out_path=path, **kwargs)
+    in_memory = trained.sample(50, **kwargs)
+    assert on_disk.isbacked and on_disk.shape == (50, in_memory.n_vars)
+    loaded = on_disk.to_memory()
+    np.testing.assert_array_equal(loaded.X.toarray(), in_memory.X.toarray())
+    np.testing.assert_array_equal(loaded.obsm["X_latentcell"], in_memory.obsm["X_latentcell"])
+    assert loaded.obs.equals(in_memory.obs)
+    assert list(loaded.var_names) == list(in_memory.var_names)
+    assert "latentcell_mean" not in loaded.layers  # dense means are not streamed
+    assert loaded.uns["latentcell"]["out_path"] == str(path)
+    on_disk.file.close()
