@@ -119,6 +119,7 @@ def test_imputed_region_replaces_the_region_and_shares_the_colour_scale():
     # the imputed panel shows the 50 cells outside the region, then the 10 generated ones
     assert [c.get_offsets().shape[0] for c in imputed.collections] == [50, 10]
     assert imputed.collections[0].get_clim() == measured.collections[0].get_clim()
+    assert len(imputed.lines) == 1 and not measured.lines  # the region's outline
     np.testing.assert_array_equal(real.X.toarray(), before)
 
 

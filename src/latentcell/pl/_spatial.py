@@ -40,7 +40,8 @@ def imputed_region(
     One row per gene: on the left the measured expression of every cell of ``adata``; on the
     right the same section where the cells of the region (those of ``adata`` named like the
     rows of ``imputed``, as :meth:`~latentcell.LatentDiffusionModel.impute_region` names them
-    for a mask) are replaced by the generated cells at their positions, outlined in black.
+    for a mask) are replaced by the generated cells at their positions; a dashed line marks
+    the convex hull of the imputed positions.
     Expression is log1p(CP10k) of the counts, on one colour scale per gene.
 
     Parameters
@@ -78,15 +79,16 @@ def imputed_region(
     xy_gen = np.asarray(imputed.obsm[spatial_key])[:, :2]
     kept = ~adata.obs_names.isin(imputed.obs_names)
     size = point_size or float(np.clip(2e4 / adata.n_obs, 0.5, 30))
+    outline = _hull(xy_gen)
     fig, axes = plt.subplots(len(genes), 2, figsize=(9, 3.6 * len(genes)), squeeze=False)
     for i, gene in enumerate(genes):
         vmax = float(np.quantile(real[:, i], 0.99)) or 1.0
         style = dict(cmap=cmap, vmin=0.0, vmax=vmax, rasterized=True)
         axes[i, 0].scatter(*xy.T, c=real[:, i], s=size, **style)
         axes[i, 1].scatter(*xy[kept].T, c=real[kept, i], s=size, **style)
-        points = axes[i, 1].scatter(
-            *xy_gen.T, c=gen[:, i], s=size, edgecolors="k", linewidths=0.15, **style
-        )
+        points = axes[i, 1].scatter(*xy_gen.T, c=gen[:, i], s=size, **style)
+        if outline is not None:
+            axes[i, 1].plot(*outline.T, color="w", lw=1.0, ls="--")
         axes[i, 0].set_title(f"{gene}: measured")
         axes[i, 1].set_title(f"{gene}: region imputed ({imputed.n_obs} cells)")
         fig.colorbar(points, ax=axes[i].tolist(), shrink=0.8, label="log1p(CP10k)")
@@ -96,3 +98,16 @@ def imputed_region(
             ax.set_yticks([])
             ax.invert_yaxis()
     return fig if return_fig else None
+
+
+def _hull(points: np.ndarray) -> np.ndarray | None:
+    """Return the closed convex hull of 2-D points (``None`` if fewer than 3 or collinear)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    if len(points) < 3:
+        return None
+    try:
+        vertices = ConvexHull(points).vertices
+    except QhullError:
+        return None
+    return points[np.r_[vertices, vertices[0]]]
