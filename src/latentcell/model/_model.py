@@ -1208,13 +1208,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
         ``obsm[spatial_key]``.
         """
         self._check_stage("flow" if latent_prior == "flow" else "vae", "sample")
-        objective = self.module.flow.objective
-        valid = SAMPLER_METHODS if objective == "flow" else DIFFUSION_METHODS
-        method = method or ("midpoint" if objective == "flow" else "ddim")
-        if method not in valid:
-            raise ValueError(
-                f"method must be one of {valid} for objective={objective!r}, got {method!r}."
-            )
+        method = self._sampler_method(method)
         if latent_prior not in ("flow", "normal"):
             raise ValueError(f"latent_prior must be 'flow' or 'normal', got {latent_prior!r}.")
         if not self.reference_:
@@ -1240,6 +1234,17 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             coords,
             out_path=out_path,
         )
+
+    def _sampler_method(self, method: str | None) -> str:
+        """Return the solver to use: ``method``, or the objective's default, checked."""
+        objective = self.module.flow.objective
+        valid = SAMPLER_METHODS if objective == "flow" else DIFFUSION_METHODS
+        method = method or ("midpoint" if objective == "flow" else "ddim")
+        if method not in valid:
+            raise ValueError(
+                f"method must be one of {valid} for objective={objective!r}, got {method!r}."
+            )
+        return method
 
     def _generate(
         self,

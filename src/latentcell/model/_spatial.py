@@ -342,7 +342,7 @@ class SpatialMixin:
         out = self._generate(
             self._parse_conditions(len(coords), conditions),
             n_steps=n_steps,
-            method=method,
+            method=self._sampler_method(method),
             cfg_scale=cfg_scale,
             seed=seed,
             batch_size=batch_size,
