@@ -84,6 +84,32 @@ def read_model(dir_path: str | Path, map_location: str | torch.device = "cpu"):
             f"{path} does not hold a saved latentcell model (expected {METADATA_FILE} and "
             f"{WEIGHTS_FILE}); save one with model.save(dir_path)."
         )
-    metadata = from_jsonable(json.loads(meta_file.read_text()))
-    tensors = torch.load(weights_file, map_location=map_location, weights_only=True)
+    try:
+        metadata = from_jsonable(json.loads(meta_file.read_text()))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{meta_file} is not valid JSON ({err}); the model folder is corrupted. Save the "
+            f"model again."
+        ) from err
+    registry = metadata.get("registry") if isinstance(metadata, dict) else None
+    if not (
+        isinstance(registry, dict)
+        and isinstance(registry.get("setup_args"), dict)
+        and isinstance(registry.get("field_registries"), dict)
+        and isinstance(metadata.get("init_params"), dict)
+    ):
+        raise ValueError(
+            f"{meta_file} lacks the model's registry or parameters; it was not written by "
+            f"latentcell's model.save() or has been edited. Save the model again."
+        )
+    try:
+        tensors = torch.load(weights_file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{weights_file} could not be read as weights ({type(err).__name__}): the file is "
+            f"truncated, corrupted or holds objects other than tensors. Nothing in it was "
+            f"executed. Save the model again; never load untrusted files with pickle."
+        ) from None
+    if not (isinstance(tensors, dict) and {"module", "reference"} <= set(tensors)):
+        raise ValueError(f"{weights_file} does not hold a latentcell model's weights.")
     return metadata, tensors

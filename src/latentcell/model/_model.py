@@ -53,6 +53,7 @@ from latentcell.model._validation import (
     check_not_view,
     check_obs_columns,
     check_perturbation,
+    check_registered_obs,
     check_spatial,
     check_var_names,
     row_sums,
@@ -1132,6 +1133,13 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             if candidates.size == 0:
                 first_i = specified[0][0]
                 candidates = np.flatnonzero(cat_ref[:, first_i] == key[0])
+                if candidates.size == 0:
+                    attr = specified[0][1]
+                    raise ValueError(
+                        f"No training cell has {attr['name']}={attr['categories'][key[0]]!r} "
+                        f"(a registered category without cells), so there is no library size "
+                        f"to generate it with. Ask for a category with training cells."
+                    )
                 combo = dict(zip([a["name"] for _, a in specified], key, strict=True))
                 warnings.warn(
                     f"No training cell has the combination {combo}; drawing library sizes "
@@ -1615,12 +1623,23 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
                 f"{dir_path} holds a {metadata.get('model_class')!r}, not a {cls.__name__}."
             )
         registry = metadata["registry"]
+        saved_data = None
         if adata is None and (Path(dir_path) / _io.ADATA_FILE).exists():
-            adata = anndata.read_h5ad(Path(dir_path) / _io.ADATA_FILE)
+            saved_data = Path(dir_path) / _io.ADATA_FILE
         elif adata is None and (Path(dir_path) / _io.MDATA_FILE).exists():
+            saved_data = Path(dir_path) / _io.MDATA_FILE
+        if saved_data is not None:
             import mudata
 
-            adata = mudata.read_h5mu(Path(dir_path) / _io.MDATA_FILE)
+            read = anndata.read_h5ad if saved_data.suffix == ".h5ad" else mudata.read_h5mu
+            try:
+                adata = read(saved_data)
+            except OSError as err:
+                raise ValueError(
+                    f"{saved_data} could not be read ({err}); the saved data are corrupted. "
+                    f"Pass the training data with adata=..., or delete the file to load the "
+                    f"model without data."
+                ) from None
         init = metadata["init_params"]
         kwargs = {k: v for d in init.get("kwargs", {}).values() for k, v in d.items()}
         if adata is not None:
@@ -1633,11 +1652,23 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
                 cls.setup_mudata(adata, source_registry=registry, **registry["setup_args"])
             else:
                 check_var_names(adata, metadata["var_names"])
+                check_registered_obs(adata, registry)
                 cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-            model = cls(adata, **init["non_kwargs"], **kwargs)
-        else:
-            model = cls(None, registry=registry, **init["non_kwargs"], **kwargs)
-        model.module.load_state_dict(tensors["module"])
+        try:
+            model = (
+                cls(adata, **init["non_kwargs"], **kwargs)
+                if adata is not None
+                else cls(None, registry=registry, **init["non_kwargs"], **kwargs)
+            )
+            model.module.load_state_dict(tensors["module"])
+        except (KeyError, AttributeError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "state_dict" not in str(err):
+                raise
+            raise ValueError(
+                f"{Path(dir_path) / _io.METADATA_FILE} and {_io.WEIGHTS_FILE} do not describe "
+                f"one consistent model ({type(err).__name__}: {err}); the folder was edited or "
+                f"mixes two saves. Save the model again."
+            ) from None
         model.reference_ = {k: v.numpy() for k, v in tensors["reference"].items()}
         model.trained_stages_ = list(metadata["trained_stages"])
         model.perturbation_summary_ = metadata.get("perturbation_summary") or {}

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from latentcell._constants import DOSE_FIELD, LATENT_KEY, MEAN_LAYER, PERTURBATION_FIELD
 from latentcell.model._data import PairedLatentDataModule
+from latentcell.model._validation import check_registered_obs
 from latentcell.module import SAMPLER_METHODS
 from latentcell.module._counts import sample_counts
 
@@ -456,6 +457,7 @@ class PerturbationMixin:
                 f"adata.obs lacks the registered column(s) {missing}. Add them{hint} and call "
                 f"again."
             )
+        check_registered_obs(adata, self.registry_)
 
     def _default_doses(self, values: Sequence[str]) -> np.ndarray:
         """Mean training dose of each perturbation's cells (0 for unseen ones)."""

@@ -65,12 +65,19 @@ def check_counts(adata: AnnData, layer: str | None, allow_empty_cells: bool = Fa
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise ValueError(f"{where} is empty; store raw counts there or pass layer=...")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"{where} has {adata.n_obs} cells and {adata.n_vars} genes; the model needs at least "
+            f"one of each."
+        )
     n_bad = n_neg = n_frac = 0
     minimum, example = np.inf, None
     totals = []
     for block in row_blocks(x, adata.n_obs):
         values = _stored_values(block)
-        if not np.issubdtype(values.dtype, np.number):
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(
+            values.dtype, np.complexfloating
+        ):
             raise ValueError(f"{where} has dtype {values.dtype}; expected numeric counts.")
         finite = np.isfinite(values)
         n_bad += int((~finite).sum())
@@ -242,3 +249,50 @@ def check_spatial(adata: AnnData, spatial_key: str) -> None:
             f"adata.obsm[{spatial_key!r}] must hold finite numbers; drop the cells without "
             f"coordinates first."
         )
+
+
+def check_registered_obs(adata: AnnData, registry: dict) -> None:
+    """Check a query's registered ``obs`` columns against a saved scvi-tools registry.
+
+    Before scvi-tools transfers the setup (and writes into the AnnData), name the columns
+    with missing values and the categories the model never saw, so the user's AnnData is left
+    as it was.
+    """
+    from scvi import REGISTRY_KEYS
+
+    args, fields = registry["setup_args"], registry["field_registries"]
+
+    def state(key):
+        return (fields.get(key) or {}).get("state_registry") or {}
+
+    categorical = {}
+    for arg, field in (
+        ("labels_key", REGISTRY_KEYS.LABELS_KEY),
+        ("batch_key", REGISTRY_KEYS.BATCH_KEY),
+        ("perturbation_key", "perturbation"),
+    ):
+        if args.get(arg) is not None and "categorical_mapping" in state(field):
+            categorical[args[arg]] = state(field)["categorical_mapping"]
+    for key, cats in (state(REGISTRY_KEYS.CAT_COVS_KEY).get("mappings") or {}).items():
+        categorical[key] = cats
+    continuous = [
+        *(args.get("continuous_covariate_keys") or []),
+        *(args.get("continuous_condition_keys") or []),
+        *([args["dose_key"]] if args.get("dose_key") else []),
+    ]
+    for key in [*categorical, *continuous]:
+        if key in adata.obs and int(pd.isna(adata.obs[key]).sum()):
+            raise ValueError(
+                f"adata.obs[{key!r}] has {int(pd.isna(adata.obs[key]).sum())} missing values; "
+                f"fill them with a category the model knows, or drop those cells."
+            )
+    for key, cats in categorical.items():
+        if key not in adata.obs or key == args.get("perturbation_key"):
+            continue
+        known = {str(c) for c in np.asarray(cats)}
+        unseen = sorted({str(v) for v in pd.unique(adata.obs[key])} - known)
+        if unseen:
+            raise ValueError(
+                f"adata.obs[{key!r}] has value(s) {unseen[:5]} the model never saw; it knows "
+                f"{sorted(known)[:20]}. Map them to known values or drop those cells."
+            )
