@@ -14,6 +14,21 @@ FAST_TRAIN = dict(
 )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module runs (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Tiny tensors only add contention on a busy CPU with intra-op threads; module scope, so
+    the module's trained fixtures run with it too.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def synthetic():
     return lc.datasets.synthetic_counts(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from scipy import sparse
 
 import latentcell as lc
@@ -16,12 +15,7 @@ from .conftest import FAST_MODEL
 TINY_TRAIN = dict(max_epochs=2, flow_max_epochs=2, accelerator="cpu", enable_progress_bar=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(tmp_path, dense=False, mutate=None):

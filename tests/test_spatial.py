@@ -119,14 +119,7 @@ def _brute_neighbourhood(query, pool, latent, k, q_groups=None, p_groups=None, e
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only add contention on a busy CPU (module scope, so
-    # that the trained fixtures below run with it too)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
