@@ -66,10 +66,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ddp = _run(tmp_path, "ddp")
     assert len(single) == 1
     assert sorted(r["rank"] for r in ddp) == [0, 1]  # both processes trained and sampled
+    rank = {r["rank"]: r for r in ddp}  # the processes print in either order
     # DDP keeps the replicas identical: same weights on both ranks after both stages
-    assert ddp[0]["checksum"] == pytest.approx(ddp[1]["checksum"], rel=1e-6)
-    assert ddp[0]["trained"] == single[0]["trained"] == ["vae", "flow"]
+    assert rank[0]["checksum"] == pytest.approx(rank[1]["checksum"], rel=1e-6)
+    assert rank[0]["trained"] == rank[1]["trained"] == single[0]["trained"] == ["vae", "flow"]
     # same data and seed, half the batches per process: curves and samples agree within noise
+    # (the training history is recorded by rank 0)
     for key in ("elbo_train", "flow_loss_train"):
-        assert ddp[0]["history"][key] == pytest.approx(single[0]["history"][key], rel=0.15), key
-    assert ddp[0]["sample_mean"] == pytest.approx(single[0]["sample_mean"], rel=0.25)
+        assert rank[0]["history"][key] == pytest.approx(single[0]["history"][key], rel=0.15), key
+    assert rank[0]["sample_mean"] == pytest.approx(single[0]["sample_mean"], rel=0.25)
