@@ -88,3 +88,15 @@ def test_sample_to_disk_equals_sampling_in_memory(trained, tmp_path):
     assert "latentcell_mean" not in loaded.layers  # dense means are not streamed
     assert loaded.uns["latentcell"]["out_path"] == str(path)
     on_disk.file.close()
+
+
+def test_mixed_precision_trains_both_stages_finite():
+    adata = lc.datasets.synthetic_counts(n_cells=200, n_genes=30, seed=0)
+    lc.LatentDiffusionModel.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    model = lc.LatentDiffusionModel(adata, **FAST_MODEL)
+    model.train(seed=0, precision="bf16-mixed", **TINY_TRAIN)  # passed on to Lightning
+    assert model.trained_stages_ == ["vae", "flow"]
+    for key in ("elbo_train", "flow_loss_train"):
+        assert np.isfinite(model.history[key].to_numpy()).all()
+    out = model.sample(20, seed=0, progress_bar=False)
+    assert np.isfinite(out.layers["latentcell_mean"]).all()
