@@ -3,7 +3,8 @@
 ``--device cuda`` is the same as ``--accelerator gpu`` (and ``--device cpu`` as
 ``--accelerator cpu``); either is passed on to every benchmark: generation on pbmc3k, speed,
 perturbation of a held-out cell type on Kang 2018 and Tal1 (seeds 0-2) and on synthetic
-data, RNA -> protein translation on CITE-seq and generation at unseen times (seeds 0-2).
+data, RNA -> protein translation on CITE-seq, generation at unseen times and imputation of
+an unmeasured tissue region (seeds 0-2), and memory against the number of cells (10k, 100k).
 Writes JSON and markdown under
 ``benchmarks/results`` and prints the tables. Not part of the test suite: speed is measured
 here, as ratios against baselines run in the same process.
@@ -16,6 +17,8 @@ import argparse
 import generation_pbmc3k
 import perturbation_celltype
 import perturbation_synthetic
+import scale
+import spatial_imputation
 import speed
 import time_trajectory
 import translation_citeseq
@@ -38,6 +41,8 @@ def main() -> None:
     perturbation_synthetic.main(["--accelerator", accelerator, "--seed", str(args.seed)])
     translation_citeseq.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
     time_trajectory.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
+    spatial_imputation.main(["--accelerator", accelerator, "--seeds", "0", "1", "2"])
+    scale.main(["--accelerator", accelerator])
 
 
 if __name__ == "__main__":
