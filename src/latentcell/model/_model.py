@@ -1010,9 +1010,16 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
 
         VAE metrics keep scvi-tools' names (``elbo_train``, ``elbo_validation``,
         ``reconstruction_loss_train``, ...); flow metrics are ``flow_loss_train`` and
-        ``flow_loss_validation``.
+        ``flow_loss_validation``. Values are floats (scvi-tools stores them with object
+        dtype).
         """
-        return self._merged_history()
+        out = {}
+        for name, frame in self._merged_history().items():
+            try:
+                out[name] = frame.astype(float)
+            except (TypeError, ValueError):
+                out[name] = frame
+        return out
 
     # ------------------------------------------------------------------ latent space
     def get_latent_representation(
