@@ -1284,31 +1284,6 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
         n = len(frame)
         rng = np.random.default_rng(seed)
         attrs = self._condition_attributes()
-        spatial = self._spatial_state()
-        if coords is not None and spatial["n_neighbors"] and use_neighbourhood:
-            pool = pool or self._reference_pool()
-            batch_attr = [
-                i
-                for i, a in enumerate(attrs["categorical"])
-                if a["source"] == REGISTRY_KEYS.BATCH_KEY and a["name"] in frame
-            ]
-            query_groups = (
-                pd.Categorical(
-                    frame[attrs["categorical"][batch_attr[0]]["name"]],
-                    categories=attrs["categorical"][batch_attr[0]]["categories"],
-                ).codes
-                if batch_attr and pool["groups"] is not None
-                else None
-            )
-            spatial_cols, ref_rows = self._spatial_columns(
-                n, coords, pool, query_groups, rng, use_neighbourhood
-            )
-            ref = {k: np.asarray(v)[ref_rows] for k, v in pool["codes"].items()}
-        else:
-            spatial_cols, _ = self._spatial_columns(n, coords, None, None, rng, False)
-            ref_rows = self._reference_rows(frame, rng)
-            ref = {k: v[ref_rows] for k, v in self.reference_.items()}
-
         # Flow conditions: requested values, null tokens (or NaN) otherwise.
         flow_cat = (
             np.stack(
@@ -1336,6 +1311,28 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             if attrs["continuous"]
             else np.zeros((n, 0), dtype=np.float32)
         )
+        spatial = self._spatial_state()
+        if coords is not None and spatial["n_neighbors"] and use_neighbourhood:
+            pool = pool or self._reference_pool()
+            # a requested batch (section) restricts each position's neighbours to it
+            batch_column = [
+                i
+                for i, a in enumerate(attrs["categorical"])
+                if a["source"] == REGISTRY_KEYS.BATCH_KEY and a["name"] in frame
+            ]
+            query_groups = (
+                flow_cat[:, batch_column[0]]
+                if batch_column and pool["groups"] is not None
+                else None
+            )
+            spatial_cols, ref_rows = self._spatial_columns(
+                n, coords, pool, query_groups, rng, use_neighbourhood
+            )
+            ref = {k: np.asarray(v)[ref_rows] for k, v in pool["codes"].items()}
+        else:
+            spatial_cols, _ = self._spatial_columns(n, coords, None, None, rng, False)
+            ref_rows = self._reference_rows(frame, rng)
+            ref = {k: v[ref_rows] for k, v in self.reference_.items()}
         flow_cont = np.concatenate([flow_cont, spatial_cols], axis=1)
         # Decoder covariates: requested values override the reference cell's.
         for i, a in enumerate(attrs["categorical"]):
