@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 #: ``--device`` value -> Lightning accelerator.
 DEVICE_TO_ACCELERATOR = {"cuda": "gpu", "cpu": "cpu"}
@@ -31,3 +33,11 @@ def resolve_accelerator(parser: argparse.ArgumentParser, args: argparse.Namespac
         )
     args.accelerator = args.accelerator or from_device or "cpu"
     return args.accelerator
+
+
+def write_results(out_dir: str | Path, name: str, results: dict, table: str) -> None:
+    """Write ``<name>.json`` (the results) and ``<name>.md`` (the table) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(table + "\n")

@@ -40,7 +40,6 @@ Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--see
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import add_device_arguments, resolve_accelerator, write_results
 
 DATA_DIR = Path(
     os.environ.get(
@@ -264,10 +263,7 @@ def main(argv=None):
     table = markdown(results, cell_types)
     print(table)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"perturbation_{args.dataset}.json").write_text(json.dumps(results, indent=1))
-        (out / f"perturbation_{args.dataset}.md").write_text(table + "\n")
+        write_results(args.out, f"perturbation_{args.dataset}", results, table)
     return results
 
 

@@ -25,7 +25,6 @@ Usage: ``python benchmarks/perturbation_synthetic.py [--seed 0]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -36,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import add_device_arguments, resolve_accelerator, write_results
 
 SINGLES = ("A", "B", "C", "D", "E", "F")
 TRAIN_PAIRS = ("A+B", "C+D", "E+F")
@@ -170,10 +169,7 @@ def main(argv=None) -> dict:
 
     table = markdown(results)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "perturbation_synthetic.json").write_text(json.dumps(results, indent=1))
-    (out / "perturbation_synthetic.md").write_text(table + "\n")
+    write_results(args.out, "perturbation_synthetic", results, table)
     return results
 
 

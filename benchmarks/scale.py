@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import write_results
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PHASES = ("setup", "vae", "encode", "flow", "sample")
 
@@ -228,10 +231,7 @@ def main(argv=None):
                 )
     table = markdown(results)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(results, indent=1))
-    (out / "scale.md").write_text(table + "\n")
+    write_results(args.out, "scale", results, table)
     return results
 
 

@@ -51,7 +51,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import add_device_arguments, resolve_accelerator, write_results
 
 DATA_DIR = Path(
     os.environ.get(
@@ -306,10 +306,7 @@ def main(argv=None):
     table = markdown(results)
     print(table)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "spatial_imputation.json").write_text(json.dumps(results, indent=1))
-        (out / "spatial_imputation.md").write_text(table + "\n")
+        write_results(args.out, "spatial_imputation", results, table)
     return results
 
 

@@ -38,7 +38,6 @@ Usage: ``python benchmarks/time_trajectory.py [--dataset paul15 pancreas] [--see
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ import pandas as pd
 from scipy import sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import add_device_arguments, resolve_accelerator, write_results
 
 DATA_DIR = Path(
     os.environ.get(
@@ -284,10 +283,7 @@ def main(argv=None):
     table = markdown(results)
     print(table)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "time_trajectory.json").write_text(json.dumps(results, indent=1))
-        (out / "time_trajectory.md").write_text(table + "\n")
+        write_results(args.out, "time_trajectory", results, table)
     return results
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from scipy import sparse, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import add_device_arguments, resolve_accelerator, write_results
 
 DATA_DIR = Path(
     os.environ.get(
@@ -384,10 +384,7 @@ def main(argv=None):
     table = markdown(results)
     print(table)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "translation_citeseq.json").write_text(json.dumps(results, indent=1))
-        (out / "translation_citeseq.md").write_text(table + "\n")
+        write_results(args.out, "translation_citeseq", results, table)
     return results
 
 
