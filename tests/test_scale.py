@@ -101,3 +101,46 @@ def test_mixed_precision_trains_both_stages_finite():
         assert np.isfinite(model.history[key].to_numpy()).all()
     out = model.sample(20, seed=0, progress_bar=False)
     assert np.isfinite(out.layers["latentcell_mean"]).all()
+
+
+def _compile_pair(**compile_kwargs):
+    adata = lc.datasets.synthetic_counts(n_cells=200, n_genes=30, seed=0)
+    lc.LatentDiffusionModel.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    models = []
+    for compiled in (False, True):
+        import scvi
+
+        scvi.settings.seed = 0
+        model = lc.LatentDiffusionModel(adata, **FAST_MODEL)
+        if compiled:
+            assert model.compile(**compile_kwargs) is model
+        model.train(seed=0, early_stopping=False, **TINY_TRAIN)
+        models.append(model)
+    return models
+
+
+def test_compile_traces_every_network_and_learns_the_same_model(tmp_path):
+    # the "eager" backend runs TorchDynamo's tracing without code generation: the same
+    # operations as the uncompiled model, so the two must agree to float precision
+    eager, compiled = _compile_pair(backend="eager")
+    nets = compiled._compiled_networks(vae=True)
+    assert len(nets) == 4  # flow denoiser; VAE z and library encoders, decoder
+    assert all(net._compiled_call_impl is not None for net in nets)
+    assert all(net._compiled_call_impl is None for net in eager._compiled_networks(vae=True))
+    for key in ("elbo_train", "flow_loss_train"):
+        np.testing.assert_allclose(
+            compiled.history[key].to_numpy(), eager.history[key].to_numpy(), rtol=1e-4
+        )
+    kwargs = dict(conditions={"cell_type": "type_0"}, seed=1, n_steps=4, progress_bar=False)
+    a, b = eager.sample(30, **kwargs), compiled.sample(30, **kwargs)
+    np.testing.assert_allclose(a.obsm["X_latentcell"], b.obsm["X_latentcell"], atol=1e-4)
+    # weights and the saved format are those of an uncompiled model
+    assert list(compiled.module.state_dict()) == list(eager.module.state_dict())
+    compiled.save(tmp_path / "m")
+    loaded = lc.LatentDiffusionModel.load(tmp_path / "m", adata=compiled.adata)
+    c = loaded.sample(30, **kwargs)
+    np.testing.assert_allclose(c.obsm["X_latentcell"], b.obsm["X_latentcell"], atol=1e-4)
+    # retraining the VAE rebuilds the flow; the new one is compiled when it trains
+    compiled.train(stage="vae", max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    compiled.train(stage="flow", flow_max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    assert compiled.module.flow.denoiser._compiled_call_impl is not None

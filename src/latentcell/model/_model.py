@@ -747,6 +747,7 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
 
     def _run(self, stage: str, plan, data, max_epochs: int, accelerator, devices, **kwargs):
         """Run scvi-tools' TrainRunner for one stage and keep that stage's history apart."""
+        self._apply_compile()
         self.history_, self.is_trained_ = None, False
         runner = TrainRunner(
             self,
@@ -1020,6 +1021,61 @@ class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, Bas
             except (TypeError, ValueError):
                 out[name] = frame
         return out
+
+    # ------------------------------------------------------------------ compilation
+    def compile(self, vae: bool = True, **compile_kwargs) -> LatentDiffusionModel:
+        """Compile the model's networks with :func:`torch.compile` for training and sampling.
+
+        Compiles, in place (:meth:`torch.nn.Module.compile`, so weights, ``state_dict`` and
+        :meth:`save` are unchanged), the denoiser of every flow and, with ``vae=True``, the
+        VAE's encoder and decoder networks. The setting is remembered: flows rebuilt later
+        (retraining the VAE resets them) are compiled when their stage trains. The first
+        minibatch or sampling step of each new shape compiles (seconds to a minute);
+        later ones run the compiled code. A loaded model is not compiled: call this again.
+
+        Whether it helps depends on the hardware and the network size: see the
+        ``benchmarks/accelerate.py`` figures in the README before turning it on. Mixed
+        precision is a Lightning option of :meth:`train` (``precision="bf16-mixed"``).
+
+        Parameters
+        ----------
+        vae
+            Also compile the VAE's encoder and decoder networks.
+        **compile_kwargs
+            Keyword arguments of :func:`torch.compile` (``mode``, ``dynamic``, ``backend``,
+            ...).
+
+        Returns
+        -------
+        The model itself, so ``model.compile().train()`` reads naturally.
+        """
+        self._compile_kwargs = {"vae": vae, **compile_kwargs}
+        self._apply_compile()
+        return self
+
+    def _compiled_networks(self, vae: bool) -> list[torch.nn.Module]:
+        nets = []
+        for name in ("flow", "perturbation_flow", "translation_flow"):
+            flow = getattr(self.module, name, None)
+            if flow is not None:
+                nets.append(flow.denoiser)
+        if vae:
+            for name in ("z_encoder", "l_encoder", "decoder", "encoders", "decoders"):
+                net = getattr(self.module.vae, name, None)
+                if isinstance(net, torch.nn.ModuleDict):  # one network per modality
+                    nets.extend(net.values())
+                elif isinstance(net, torch.nn.Module):
+                    nets.append(net)
+        return nets
+
+    def _apply_compile(self) -> None:
+        """Compile the networks not compiled yet, if :meth:`compile` was called."""
+        kwargs = dict(getattr(self, "_compile_kwargs", None) or {})
+        if not kwargs:
+            return
+        for net in self._compiled_networks(kwargs.pop("vae")):
+            if getattr(net, "_compiled_call_impl", None) is None:
+                net.compile(**kwargs)
 
     # ------------------------------------------------------------------ latent space
     def get_latent_representation(
