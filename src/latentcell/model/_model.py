@@ -42,6 +42,7 @@ from latentcell._constants import (
     SPATIAL_FIELD,
 )
 from latentcell.model import _io
+from latentcell.model._batch import BatchCorrectionMixin
 from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
@@ -99,7 +100,9 @@ class LatentDiffusionModule(torch.nn.Module):
         return next(self.parameters()).device
 
 
-class LatentDiffusionModel(PerturbationMixin, MultiModalMixin, SpatialMixin, BaseModelClass):
+class LatentDiffusionModel(
+    PerturbationMixin, MultiModalMixin, SpatialMixin, BatchCorrectionMixin, BaseModelClass
+):
     """Latent diffusion for single-cell counts.
 
     Stage 1 is a count variational autoencoder (scvi-tools' ``VAE``: negative binomial,

@@ -217,6 +217,53 @@ class LatentFlow(BaseModuleClass):
         )
 
     @torch.inference_mode()
+    def invert(
+        self,
+        z: torch.Tensor,
+        cat: torch.Tensor,
+        cont: torch.Tensor,
+        n_steps: int = 50,
+        method: SamplerMethod = "midpoint",
+        callback=None,
+    ) -> torch.Tensor:
+        """Noise that the flow carries to the latents ``z`` under the given conditions.
+
+        The flow's ODE integrated backwards, from the data end (``t = 1``, the standardised
+        ``z``) to the noise end (``t = 0``), with the plain conditional velocity (no
+        guidance, so that :meth:`sample` from the result under the same conditions returns
+        ``z`` up to the solver's error). Only for ``objective="flow"``.
+
+        Parameters
+        ----------
+        z
+            Latents ``(n, n_latent)`` in the VAE latent space.
+        cat, cont
+            Conditions of each latent, as for :meth:`sample`.
+        n_steps, method
+            Solver settings, see :func:`latentcell.module.integrate`.
+        callback
+            Called with the step index after each solver step.
+
+        Returns
+        -------
+        Noise ``(n, n_latent)`` at ``t = 0``.
+        """
+        if self.objective != "flow":
+            raise ValueError(
+                "Inverting the sampler needs objective='flow' (the rectified flow's ODE); this "
+                f"flow was trained with objective={self.objective!r}."
+            )
+        device = self.latent_mean.device
+        cat = cat.to(device).long()
+        cont = self.scale_continuous(cont.to(device).float())
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.velocity(x, t, cat, cont)
+
+        x1 = self.standardize(z.to(device).float())
+        return integrate(velocity, x1, n_steps, method, t0=1.0, t1=0.0, callback=callback)
+
+    @torch.inference_mode()
     def sample(
         self,
         cat: torch.Tensor,
