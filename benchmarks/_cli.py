@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+#: The shared datasets (``../shared/data`` beside the repository, or ``$LATENTCELL_DATA``).
+DATA_DIR = Path(
+    os.environ.get(
+        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+)
 
 #: ``--device`` value -> Lightning accelerator.
 DEVICE_TO_ACCELERATOR = {"cuda": "gpu", "cpu": "cpu"}

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -56,14 +55,9 @@ import anndata as ad
 import numpy as np
 import torch
 
-from _cli import add_device_arguments, resolve_accelerator
+from _cli import DATA_DIR, add_device_arguments, resolve_accelerator
 from _gene_flow import GeneSpaceFlow
 
-DATA_DIR = Path(
-    os.environ.get(
-        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    )
-)
 DATA = DATA_DIR / "generation" / "pbmc3k_raw_counts_louvain_2638.h5ad"
 LABELS = "cell_type"
 #: Solver settings of the steps-vs-quality curve (midpoint 50 is the model's default).

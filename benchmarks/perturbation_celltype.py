@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import warnings
@@ -51,13 +50,8 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator, write_results
+from _cli import DATA_DIR, add_device_arguments, resolve_accelerator, write_results
 
-DATA_DIR = Path(
-    os.environ.get(
-        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    )
-)
 CELL_TYPE, CONDITION, BATCH = "cell_type", "condition", "batch"
 ROWS = (
     "control as prediction",

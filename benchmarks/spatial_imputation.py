@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -51,13 +50,8 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator, write_results
+from _cli import DATA_DIR, add_device_arguments, resolve_accelerator, write_results
 
-DATA_DIR = Path(
-    os.environ.get(
-        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    )
-)
 FILES = {
     "xenium": "xenium_mouse_brain_small_36602cells.h5ad",
     "olfactory_bulb": "st_mouse_olfactory_bulb_stahl2016_262spots.h5ad",

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -52,13 +51,8 @@ import numpy as np
 from scipy import sparse, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_device_arguments, resolve_accelerator, write_results
+from _cli import DATA_DIR, add_device_arguments, resolve_accelerator, write_results
 
-DATA_DIR = Path(
-    os.environ.get(
-        "LATENTCELL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    )
-)
 DATASETS = {
     "ECCITE PBMC (500 cells, 49 proteins)": "citefuse_eccite_pbmc_500.h5mu",
     "10x PBMC 10k (200 cells, 14 proteins)": "scvi_pbmc_10k_protein_v3_200cells.h5mu",
