@@ -46,6 +46,7 @@ from latentcell.model._batch import BatchCorrectionMixin
 from latentcell.model._data import CountsDataModule, LatentDataModule
 from latentcell.model._multimodal import MultiModalMixin, _is_mudata
 from latentcell.model._perturbation import PerturbationMixin
+from latentcell.model._programs import ProgramMixin, check_programs, requested_levels
 from latentcell.model._spatial import SpatialMixin
 from latentcell.model._stream import H5adWriter
 from latentcell.model._training import FlowStageOptions, FlowTrainingPlan
@@ -101,7 +102,12 @@ class LatentDiffusionModule(torch.nn.Module):
 
 
 class LatentDiffusionModel(
-    PerturbationMixin, MultiModalMixin, SpatialMixin, BatchCorrectionMixin, BaseModelClass
+    PerturbationMixin,
+    MultiModalMixin,
+    SpatialMixin,
+    BatchCorrectionMixin,
+    ProgramMixin,
+    BaseModelClass,
 ):
     """Latent diffusion for single-cell counts.
 
@@ -290,6 +296,7 @@ class LatentDiffusionModel(
             objective=objective,
             n_spatial=spatial["n_dims"] if spatial else 0,
             n_context=n_latent + 1 if spatial and spatial_neighbors else 0,
+            n_programs=len(self.registry_["setup_args"].get("gene_programs") or {}),
         )
         pert = self._perturbation_state()
         self._perturbation_kwargs = (
@@ -319,6 +326,8 @@ class LatentDiffusionModel(
         self.reference_: dict[str, np.ndarray] = {}
         self.perturbation_summary_: dict = {}
         self.var_names_ = self._registry_var_names()
+        self.program_stats_: dict = {}
+        self._init_programs()
         modality_text = (
             f"modalities={[m['name'] for m in self._modalities()]} "
             f"(protein_likelihood={protein_likelihood}), "
@@ -332,6 +341,11 @@ class LatentDiffusionModel(
             f"{flow_n_layers} layers), "
             f"conditions={[a['name'] for a in attrs['categorical']] + attrs['continuous']}"
             + (f", spatial={spatial['key']!r} ({spatial_neighbors} neighbours)" if spatial else "")
+            + (
+                f", gene programs={list(self.registry_['setup_args']['gene_programs'])}"
+                if self.registry_["setup_args"].get("gene_programs")
+                else ""
+            )
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -357,6 +371,7 @@ class LatentDiffusionModel(
         dose_key: str | None = None,
         perturbation_embeddings: pd.DataFrame | str | None = None,
         spatial_key: str | None = None,
+        gene_programs: Mapping[str, list[str]] | str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData with the model.
@@ -412,7 +427,21 @@ class LatentDiffusionModel(
             (see ``spatial_neighbors``), so :meth:`sample` takes
             ``conditions={"spatial": coords}`` and :meth:`impute_region` fills unmeasured
             regions. Neighbourhoods never cross batches: register one batch per section.
+        gene_programs
+            Optional gene sets whose activity conditions the flow: a dict
+            ``{name: [genes]}`` or the key of a binary genes x programs matrix in
+            ``adata.varm`` (a DataFrame's columns name the programs). Each cell's activity is
+            the mean z-score of the set's log1p(CP10k) expression (see
+            :meth:`get_program_scores`); the denoiser reads one token per program through
+            cross-attention, so :meth:`sample` takes
+            ``conditions={"programs": {"interferon": "high"}}``. Genes not in ``var_names``
+            are left out with a warning.
         """
+        if spatial_key is not None and gene_programs is not None:
+            raise ValueError(
+                "gene_programs and spatial_key cannot be combined yet; register one of them."
+            )
+        gene_programs = check_programs(adata, gene_programs)
         if perturbation_key is not None:
             perturbation_embeddings = check_perturbation(
                 adata,
@@ -519,6 +548,7 @@ class LatentDiffusionModel(
             "cont_covs": get(_CONT_COVS, np.float32),
             "cont_conds": get(CONT_CONDITIONS_FIELD, np.float32),
             "spatial": get(SPATIAL_FIELD, np.float32),
+            "programs": self._program_codes(manager.get_from_registry(REGISTRY_KEYS.X_KEY), n),
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
 
@@ -535,7 +565,7 @@ class LatentDiffusionModel(
         n = len(codes["labels"])
         cat = np.stack(columns, axis=1) if columns else np.zeros((n, 0), dtype=np.int64)
         cont = codes["cont_covs"]
-        for key in ("cont_conds", "spatial"):
+        for key in ("cont_conds", "spatial", "programs"):
             if key in codes and codes[key].shape[1]:
                 cont = np.concatenate([cont, codes[key]], axis=1)
         return cat.astype(np.int64), cont.astype(np.float32)
@@ -1288,6 +1318,14 @@ class LatentDiffusionModel(
         if not self.reference_:
             raise RuntimeError("The model has no reference cells; call model.train() first.")
         coords, conditions = self._spatial_request(conditions)
+        program_request = None
+        if isinstance(conditions, Mapping) and "programs" in conditions:
+            if self._program_state() is None:
+                raise ValueError(
+                    'conditions["programs"] needs a model set up with gene_programs=...'
+                )
+            conditions = dict(conditions)
+            program_request = conditions.pop("programs")
         if coords is not None:
             if n_samples is not None and n_samples != len(coords):
                 raise ValueError(
@@ -1296,6 +1334,12 @@ class LatentDiffusionModel(
                 )
             n_samples = len(coords)
         frame = self._parse_conditions(n_samples, conditions)
+        programs = None
+        if program_request is not None:
+            state = self._program_state()
+            programs = requested_levels(
+                program_request, len(frame), state["names"], state["stats"]["levels"]
+            )
         return self._generate(
             frame,
             n_steps,
@@ -1307,6 +1351,7 @@ class LatentDiffusionModel(
             progress_bar,
             coords,
             out_path=out_path,
+            programs=programs,
         )
 
     def _sampler_method(self, method: str | None) -> str:
@@ -1334,6 +1379,7 @@ class LatentDiffusionModel(
         pool: Mapping | None = None,
         use_neighbourhood: bool = True,
         out_path: str | Path | None = None,
+        programs: np.ndarray | None = None,
     ):
         """Generate one cell per row of parsed conditions (and per position, if given).
 
@@ -1392,7 +1438,10 @@ class LatentDiffusionModel(
             spatial_cols, _ = self._spatial_columns(n, coords, None, None, rng, False)
             ref_rows = self._reference_rows(frame, rng)
             ref = {k: v[ref_rows] for k, v in self.reference_.items()}
-        flow_cont = np.concatenate([flow_cont, spatial_cols], axis=1)
+        n_programs = len(self._program_state()["names"]) if self._program_state() else 0
+        if programs is None:
+            programs = np.full((n, n_programs), np.nan, dtype=np.float32)
+        flow_cont = np.concatenate([flow_cont, spatial_cols, programs], axis=1)
         # Decoder covariates: requested values override the reference cell's.
         for i, a in enumerate(attrs["categorical"]):
             if a["name"] not in frame:
@@ -1413,7 +1462,9 @@ class LatentDiffusionModel(
             cfg_scale=cfg_scale,
             seed=seed,
             latent_prior=latent_prior,
-            requested=list(frame.columns) + (["spatial"] if coords is not None else []),
+            requested=list(frame.columns)
+            + (["spatial"] if coords is not None else [])
+            + (["programs"] if n_programs and np.isfinite(programs).any() else []),
         )
         writer = None
         if out_path is not None:
@@ -1478,6 +1529,9 @@ class LatentDiffusionModel(
         }
         latents = np.concatenate(latents)
         rna = self._generated_anndata(*parts["rna"], latents, frame, ref, settings_used)
+        for j, name in enumerate(self._program_state()["names"] if n_programs else []):
+            if np.isfinite(programs[:, j]).any():
+                rna.obs[f"{name}_program"] = programs[:, j]
         if coords is not None:
             rna.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
         return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
@@ -1632,6 +1686,7 @@ class LatentDiffusionModel(
             "var_names": np.asarray(self.var_names_, dtype=object),
             "trained_stages": list(self.trained_stages_),
             "perturbation_summary": self.perturbation_summary_,
+            "program_stats": self.program_stats_,
             "stage_history": self.stage_history_,
             "train_indices": self.train_indices,
             "validation_indices": self.validation_indices,
@@ -1735,6 +1790,7 @@ class LatentDiffusionModel(
         model.reference_ = {k: v.numpy() for k, v in tensors["reference"].items()}
         model.trained_stages_ = list(metadata["trained_stages"])
         model.perturbation_summary_ = metadata.get("perturbation_summary") or {}
+        model.program_stats_ = metadata.get("program_stats") or {}
         model.stage_history_ = metadata["stage_history"]
         model.history_ = model._merged_history()
         model.is_trained_ = bool(model.trained_stages_)

@@ -45,8 +45,11 @@ class LatentFlow(BaseModuleClass):
         Dimension of a spatial position condition (0: none).
     n_context
         Length of a neighbourhood-summary condition (0: none). Continuous inputs are the
-        scalars, then the position, then the summary (see
+        scalars, then the position, then the summary, then the program activities (see
         :class:`latentcell.nn.ConditionEmbedding`); all are standardised per column.
+    n_programs
+        Number of gene programs; with any, the denoiser reads program tokens through
+        cross-attention layers (:class:`latentcell.nn.CrossAttention`).
     denoiser
         ``"dit"`` (transformer over latent tokens) or ``"mlp"`` (residual MLP).
     n_hidden
@@ -85,6 +88,7 @@ class LatentFlow(BaseModuleClass):
         objective: Objective = "flow",
         n_spatial: int = 0,
         n_context: int = 0,
+        n_programs: int = 0,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -94,9 +98,15 @@ class LatentFlow(BaseModuleClass):
         self.p_uncond = p_uncond
         self.p_drop_attr = p_drop_attr
         self.condition = ConditionEmbedding(
-            n_cats_per_attr, n_continuous, n_hidden, n_spatial=n_spatial, n_context=n_context
+            n_cats_per_attr,
+            n_continuous,
+            n_hidden,
+            n_spatial=n_spatial,
+            n_context=n_context,
+            n_programs=n_programs,
         )
-        n_continuous = n_continuous + n_spatial + n_context
+        n_continuous = n_continuous + n_spatial + n_context + n_programs
+        cross = n_programs > 0
         if denoiser == "dit":
             self.denoiser = DiTDenoiser(
                 n_latent,
@@ -105,10 +115,15 @@ class LatentFlow(BaseModuleClass):
                 n_heads=n_heads,
                 token_dim=token_dim,
                 dropout=dropout,
+                cross_attention=cross,
             )
         elif denoiser == "mlp":
             self.denoiser = MLPDenoiser(
-                n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout
+                n_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout=dropout,
+                cross_attention=cross,
             )
         else:
             raise ValueError(f"denoiser must be 'dit' or 'mlp', got {denoiser!r}.")
@@ -152,7 +167,8 @@ class LatentFlow(BaseModuleClass):
         The predicted velocity for ``objective="flow"``, the predicted noise ``eps`` for
         ``objective="ddpm"``.
         """
-        return self.denoiser(x, t, self.condition(cat, cont, drop))
+        context = self.condition.program_tokens(cont, drop)
+        return self.denoiser(x, t, self.condition(cat, cont, drop), context)
 
     def condition_dropout_mask(self, n: int, device: torch.device) -> torch.Tensor:
         """Boolean mask ``(n, n_attributes)``: per-attribute drops OR whole-sample drops."""

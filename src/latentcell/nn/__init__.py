@@ -1,6 +1,12 @@
 """Building blocks: embeddings and denoisers. Knows neither AnnData nor the model."""
 
-from latentcell.nn._denoisers import AdaLNZero, DiTBlock, DiTDenoiser, MLPDenoiser
+from latentcell.nn._denoisers import (
+    AdaLNZero,
+    CrossAttention,
+    DiTBlock,
+    DiTDenoiser,
+    MLPDenoiser,
+)
 from latentcell.nn._embeddings import (
     ConditionEmbedding,
     FourierFeatures,
@@ -11,6 +17,7 @@ from latentcell.nn._embeddings import (
 __all__ = [
     "AdaLNZero",
     "ConditionEmbedding",
+    "CrossAttention",
     "DiTBlock",
     "DiTDenoiser",
     "FourierFeatures",

@@ -35,6 +35,46 @@ class AdaLNZero(nn.Module):
         return self.linear(F.silu(c)).chunk(self.n_chunks, dim=-1)
 
 
+class CrossAttention(nn.Module):
+    """Queries attend to context tokens (multi-head, masked).
+
+    Used to condition the denoisers on a variable set of tokens (gene programs): every
+    query position reads the context tokens its sample's mask allows.
+
+    Parameters
+    ----------
+    n_hidden
+        Width of queries and context tokens.
+    n_heads
+        Attention heads; must divide ``n_hidden``.
+    """
+
+    def __init__(self, n_hidden: int, n_heads: int = 4):
+        super().__init__()
+        if n_hidden % n_heads:
+            raise ValueError(f"n_hidden={n_hidden} must be divisible by n_heads={n_heads}.")
+        self.n_heads = n_heads
+        self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(n_hidden, n_hidden)
+        self.kv = nn.Linear(n_hidden, 2 * n_hidden)
+        self.proj = nn.Linear(n_hidden, n_hidden)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attend from ``x`` ``(batch, n, d)`` to ``tokens`` ``(batch, m, d)``.
+
+        ``mask`` ``(batch, m)`` is ``True`` for the tokens that may be read; each sample
+        needs at least one. Returns ``(batch, n, d)``.
+        """
+        b, n, d = x.shape
+        m, h = tokens.shape[1], self.n_heads
+        q = self.q(self.norm(x)).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(tokens).view(b, m, 2, h, d // h).unbind(2)
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
+        )
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (self-attention + MLP).
 
@@ -48,9 +88,19 @@ class DiTBlock(nn.Module):
         Width multiplier of the feed-forward layer.
     dropout
         Dropout inside attention and MLP.
+    cross_attention
+        Add a cross-attention layer (to context tokens, e.g. gene programs) between the
+        self-attention and the MLP, gated by its own adaLN-Zero gate.
     """
 
-    def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        n_hidden: int,
+        n_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         if n_hidden % n_heads:
             raise ValueError(f"n_hidden={n_hidden} must be divisible by n_heads={n_heads}.")
@@ -68,6 +118,8 @@ class DiTBlock(nn.Module):
             nn.Linear(n_mlp, n_hidden),
         )
         self.ada = AdaLNZero(n_hidden, 6)
+        self.cross = CrossAttention(n_hidden, n_heads) if cross_attention else None
+        self.cross_gate = AdaLNZero(n_hidden, 1) if cross_attention else None
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -80,10 +132,21 @@ class DiTBlock(nn.Module):
         )
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Update tokens ``x`` ``(batch, tokens, n_hidden)`` given conditioning ``c``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Update tokens ``x`` ``(batch, tokens, n_hidden)`` given conditioning ``c``.
+
+        ``context`` is ``(tokens, mask)`` for the cross-attention layer, if there is one.
+        """
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)
         x = x + gate1[:, None] * self._attention(_modulate(self.norm1(x), shift1, scale1))
+        if self.cross is not None and context is not None:
+            (gate,) = self.cross_gate(c)
+            x = x + gate[:, None] * self.cross(x, *context)
         x = x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -128,6 +191,8 @@ class DiTDenoiser(nn.Module):
         Feed-forward width multiplier.
     dropout
         Dropout rate inside the blocks.
+    cross_attention
+        Give every block a cross-attention layer to context tokens (gene programs).
     """
 
     def __init__(
@@ -139,6 +204,7 @@ class DiTDenoiser(nn.Module):
         token_dim: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        cross_attention: bool = False,
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -149,25 +215,35 @@ class DiTDenoiser(nn.Module):
         self.embed = nn.Linear(token_dim, n_hidden)
         self.pos = nn.Parameter(torch.randn(1, self.n_tokens, n_hidden) * 0.02)
         self.blocks = nn.ModuleList(
-            DiTBlock(n_hidden, n_heads, mlp_ratio, dropout) for _ in range(n_layers)
+            DiTBlock(n_hidden, n_heads, mlp_ratio, dropout, cross_attention)
+            for _ in range(n_layers)
         )
         self.final = _FinalLayer(n_hidden, token_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Velocity at ``x`` ``(batch, n_latent)``, time ``t`` ``(batch,)``, condition ``c``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Velocity at ``x`` ``(batch, n_latent)``, time ``t`` ``(batch,)``, condition ``c``.
+
+        ``context``: ``(tokens, mask)`` read by the cross-attention layers, if any.
+        """
         b = x.shape[0]
         pad = self.n_tokens * self.token_dim - self.n_latent
         h = F.pad(x, (0, pad)).view(b, self.n_tokens, self.token_dim)
         h = self.embed(h) + self.pos
         cond = self.time_embedding(t) + c
         for block in self.blocks:
-            h = block(h, cond)
+            h = block(h, cond, context)
         out = self.final(h, cond).reshape(b, -1)
         return out[:, : self.n_latent]
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, n_hidden: int, dropout: float):
+    def __init__(self, n_hidden: int, dropout: float, cross_attention: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
@@ -177,10 +253,17 @@ class _ResBlock(nn.Module):
             nn.Linear(n_hidden * 2, n_hidden),
         )
         self.ada = AdaLNZero(n_hidden, 3)
+        self.cross = CrossAttention(n_hidden) if cross_attention else None
+        self.cross_gate = AdaLNZero(n_hidden, 1) if cross_attention else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None) -> torch.Tensor:
         shift, scale, gate = self.ada(c)
-        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+        x = x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+        if self.cross is not None and context is not None:
+            # the residual stream is one query token
+            (gate,) = self.cross_gate(c)
+            x = x + gate * self.cross(x[:, None], *context)[:, 0]
+        return x
 
 
 class MLPDenoiser(nn.Module):
@@ -196,21 +279,42 @@ class MLPDenoiser(nn.Module):
         Number of residual blocks.
     dropout
         Dropout rate inside the blocks.
+    cross_attention
+        Give every block a cross-attention layer (the residual stream as one query token)
+        to context tokens (gene programs).
     """
 
-    def __init__(self, n_latent: int, n_hidden: int = 256, n_layers: int = 4, dropout: float = 0.0):
+    def __init__(
+        self,
+        n_latent: int,
+        n_hidden: int = 256,
+        n_layers: int = 4,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         self.n_latent = n_latent
         self.n_hidden = n_hidden
         self.time_embedding = TimeEmbedding(n_hidden)
         self.embed = nn.Linear(n_latent, n_hidden)
-        self.blocks = nn.ModuleList(_ResBlock(n_hidden, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            _ResBlock(n_hidden, dropout, cross_attention) for _ in range(n_layers)
+        )
         self.final = _FinalLayer(n_hidden, n_latent)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Velocity at ``x`` ``(batch, n_latent)``, time ``t`` ``(batch,)``, condition ``c``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Velocity at ``x`` ``(batch, n_latent)``, time ``t`` ``(batch,)``, condition ``c``.
+
+        ``context``: ``(tokens, mask)`` read by the cross-attention layers, if any.
+        """
         cond = self.time_embedding(t) + c
         h = self.embed(x)
         for block in self.blocks:
-            h = block(h, cond)
+            h = block(h, cond, context)
         return self.final(h, cond)

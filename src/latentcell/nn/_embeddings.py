@@ -126,11 +126,18 @@ class ConditionEmbedding(nn.Module):
         Dimension of the spatial position (0: no position attribute).
     n_context
         Length of the neighbourhood summary (0: no neighbourhood attribute).
+    n_programs
+        Number of gene programs (0: none). Programs are not summed into the conditioning
+        vector: :meth:`program_tokens` turns them into tokens for cross-attention
+        (:class:`CrossAttention`), one per program (a learned program embedding plus an MLP
+        of its activity), each its own attribute with its own dropout; an unspecified
+        (NaN) or dropped program is left out of the tokens.
 
     Notes
     -----
     The continuous input ``cont`` holds, in this order, the ``n_continuous`` scalars, the
-    ``n_spatial`` coordinates and the ``n_context`` summary entries.
+    ``n_spatial`` coordinates, the ``n_context`` summary entries and the ``n_programs``
+    program activities.
     """
 
     def __init__(
@@ -140,9 +147,11 @@ class ConditionEmbedding(nn.Module):
         n_hidden: int,
         n_spatial: int = 0,
         n_context: int = 0,
+        n_programs: int = 0,
     ):
         super().__init__()
         self.n_cats_per_attr = list(n_cats_per_attr)
+        self.n_programs = n_programs
         self.n_continuous = n_continuous
         self.n_spatial = n_spatial
         self.n_context = n_context
@@ -168,11 +177,21 @@ class ConditionEmbedding(nn.Module):
         self.cont_null = nn.Parameter(torch.zeros(n_continuous, n_hidden))
         for emb in self.cat_embeddings:
             nn.init.normal_(emb.weight, std=0.02)
+        if n_programs:
+            self.program_identity = nn.Parameter(torch.randn(n_programs, n_hidden) * 0.02)
+            self.program_value = nn.Sequential(*_mlp(1, n_hidden))
+            # always present, so that a cell with no program specified attends to something
+            self.program_null = nn.Parameter(torch.zeros(1, 1, n_hidden))
 
     @property
     def n_attributes(self) -> int:
         """Number of attributes (categorical, continuous, then position and neighbourhood)."""
-        return len(self.n_cats_per_attr) + self.n_continuous + len(self.vector_embeddings)
+        return (
+            len(self.n_cats_per_attr)
+            + self.n_continuous
+            + len(self.vector_embeddings)
+            + self.n_programs
+        )
 
     def null_codes(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """Categorical codes of ``n`` samples that all point at the null tokens."""
@@ -193,7 +212,8 @@ class ConditionEmbedding(nn.Module):
             Integer codes ``(batch, n_categorical)``; a code equal to the attribute's number of
             categories selects its null token.
         cont
-            Standardised values ``(batch, n_continuous + n_spatial + n_context)``.
+            Standardised values ``(batch, n_continuous + n_spatial + n_context + n_programs)``
+            (the program columns are not used here).
         drop
             Boolean mask ``(batch, n_attributes)``; ``True`` replaces that attribute by its
             null token.
@@ -229,6 +249,40 @@ class ConditionEmbedding(nn.Module):
             e = emb(torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
             out = out + torch.where(is_null[:, None], self.vector_null[j].expand_as(e), e)
         return out
+
+    def program_tokens(
+        self, cont: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tokens of the gene programs, for cross-attention.
+
+        Parameters
+        ----------
+        cont
+            The continuous input of :meth:`forward`; its last ``n_programs`` columns are the
+            (standardised) program activities, NaN where unspecified.
+        drop
+            The dropout mask of :meth:`forward`; its last ``n_programs`` columns drop
+            programs.
+
+        Returns
+        -------
+        ``None`` without programs; otherwise ``(tokens, mask)``: tokens
+        ``(batch, 1 + n_programs, n_hidden)`` (a learned null token, then one per program)
+        and a boolean mask ``(batch, 1 + n_programs)``, ``True`` for the tokens to attend to
+        (the null token always, a program where it is specified and not dropped).
+        """
+        if not self.n_programs:
+            return None
+        values = cont[:, -self.n_programs :]
+        present = torch.isfinite(values)
+        if drop is not None:
+            present = present & ~drop[:, -self.n_programs :]
+        value = self.program_value(torch.nan_to_num(values, nan=0.0)[..., None])
+        tokens = self.program_identity[None] + value
+        n = values.shape[0]
+        tokens = torch.cat([self.program_null.expand(n, -1, -1), tokens], dim=1)
+        mask = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)
+        return tokens, mask
 
 
 def _mlp(n_in: int, n_hidden: int) -> list[nn.Module]:
