@@ -132,3 +132,20 @@ def test_imputed_region_errors():
     del region.obsm["spatial"]
     with pytest.raises(ValueError, match="imputed.obsm has no 'spatial'"):
         lc.pl.imputed_region(real, region, ["g0"])
+
+
+def test_program_activity_panels_and_errors():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    sets = {
+        name: pd.DataFrame(rng.normal(shift, 1, (40, 2)), columns=["ifn", "mhc"])
+        for name, shift in (("low", -1), ("high", 1), ("real", 0))
+    }
+    fig = lc.pl.program_activity(sets, requested="ifn", return_fig=True)
+    assert [ax.get_title() for ax in fig.axes] == ["ifn (requested)", "mhc"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["low", "high", "real"]
+    with pytest.raises(ValueError, match=r"lack program\(s\) \['other'\]"):
+        lc.pl.program_activity(sets, programs=["other"])
+    with pytest.raises(ValueError, match="at least one"):
+        lc.pl.program_activity({})
