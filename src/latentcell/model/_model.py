@@ -1275,7 +1275,12 @@ class LatentDiffusionModel(
             conditions. Spatial models also take ``{"spatial": coords}``, an array
             ``(n_samples, n_dims)`` of positions: each cell is generated at its position,
             given the neighbourhood of training cells there, and its library size and
-            covariates come from one of those neighbours.
+            covariates come from one of those neighbours. Models with ``gene_programs`` take
+            ``{"programs": {"interferon": "high", "mhc_ii": -0.5}}`` in a dict: ``"high"`` /
+            ``"low"`` (the 90th / 10th percentile of the training activity), a number (an
+            activity, see :meth:`get_program_scores`) or one per cell; programs not named
+            are left to the flow, and the requested levels are written to
+            ``obs['<program>_program']``.
         n_steps
             Solver steps (``"midpoint"`` and ``"heun"`` evaluate the network twice per step).
         method
