@@ -5,7 +5,9 @@ Datasets (``--dataset``):
 - ``kang``: Kang 2018 PBMCs (1,556 cells, 1,267 genes), batch = ``donor`` (101, 107), labels =
   5 cell types; half the cells are interferon-stimulated, which both donors share;
 - ``tal1``: mouse embryo chimeras (2,889 cells, 300 genes), batch = ``sample`` (4), labels =
-  ``celltype.mapped`` (3); knockout and wild-type cells are in every sample.
+  ``celltype.mapped`` (3). Samples 1-2 are knockout and 3-4 wild type, so moving every cell
+  into one sample also removes the genotype difference (confounded with the sample); the
+  scores here are about mixing samples while keeping cell types.
 
 One model per seed: latentcell (defaults; labels and batch registered) and scVI (scvi-tools,
 the same latent size, batch registered; unsupervised, like latentcell's VAE). Every cell is
