@@ -71,8 +71,11 @@ def load(name: str) -> ad.AnnData:
 
 
 def log_norm(x) -> np.ndarray:
-    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1e-12) * 1e4)
+    """Dense log1p(CP10k) (``latentcell.metrics.log1p_cp10k``)."""
+    from latentcell.metrics import log1p_cp10k
+
+    out = log1p_cp10k(x)
+    return out.toarray() if hasattr(out, "toarray") else np.asarray(out)
 
 
 def identity_accuracy(pca, real_log, generated: dict, labels, batch, target) -> dict:

@@ -74,8 +74,11 @@ def load(seed: int):
 
 
 def log_norm(x) -> np.ndarray:
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1e-12) * 1e4)
+    """Dense log1p(CP10k) (``latentcell.metrics.log1p_cp10k``)."""
+    from latentcell.metrics import log1p_cp10k
+
+    out = log1p_cp10k(x)
+    return out.toarray() if hasattr(out, "toarray") else np.asarray(out)
 
 
 def run_seed(seed: int, args) -> dict:
