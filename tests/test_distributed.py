@@ -39,7 +39,9 @@ SCRIPT = textwrap.dedent(
     gen = model.sample(200, conditions={"cell_type": "type_0"}, seed=0, progress_bar=False)
     out = dict(rank=int(os.environ.get("LOCAL_RANK", 0)), checksum=checksum, history=history,
                sample_mean=float(gen.X.mean()), trained=model.trained_stages_)
-    print("RESULT " + json.dumps(out), flush=True)
+    # one file per process: two processes printing to one pipe can interleave their lines
+    with open(f"result_{sys.argv[1]}_{out['rank']}.json", "w") as f:
+        json.dump(out, f)
     """
 )
 
@@ -57,8 +59,9 @@ def _run(tmp_path, mode):
         cwd=tmp_path,
         check=False,
     )
-    results = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, proc.stderr[-3000:]
+    files = sorted(tmp_path.glob(f"result_{mode}_*.json"))
+    assert proc.returncode == 0 and files, proc.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in files]
     return results
 
 
