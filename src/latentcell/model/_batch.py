@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scipy import sparse
 from scvi import REGISTRY_KEYS
 from tqdm.auto import tqdm
 
 from latentcell.model._multimodal import _is_mudata
 from latentcell.model._perturbation import _preview, per_cell_output
-from latentcell.module._counts import sample_counts
 from latentcell.module._path import SAMPLER_METHODS
 
 #: ``obsm`` key of the corrected latents.
@@ -197,8 +195,9 @@ class BatchCorrectionMixin:
                     z_new = torch.as_tensor(z[sl], device=device)
                     bar.update(1)
                 px = self._decode(z_new, {k: v[sl] for k, v in ref.items()})
-                counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
-                means.append(px.mean.cpu().numpy().astype(np.float32))
+                c, m = self._draw(px)["rna"]
+                counts.append(c)
+                means.append(m)
                 corrected.append(z_new.cpu().numpy())
 
         var = (

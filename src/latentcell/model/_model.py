@@ -326,8 +326,7 @@ class LatentDiffusionModel(
         self.reference_: dict[str, np.ndarray] = {}
         self.perturbation_summary_: dict = {}
         self.var_names_ = self._registry_var_names()
-        self.program_stats_: dict = {}
-        self._init_programs()
+        self.program_stats_: dict = {}  # filled on first use (ProgramMixin._program_state)
         modality_text = (
             f"modalities={[m['name'] for m in self._modalities()]} "
             f"(protein_likelihood={protein_likelihood}), "
@@ -540,7 +539,8 @@ class LatentDiffusionModel(
             values = values.to_numpy() if isinstance(values, pd.DataFrame) else values
             return np.asarray(values, dtype=dtype).reshape(n, -1)
 
-        library = row_sums(manager.get_from_registry(REGISTRY_KEYS.X_KEY), n)
+        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        library = row_sums(counts, n)
         return {
             "labels": get(REGISTRY_KEYS.LABELS_KEY, np.int64)[:, 0],
             "batch": get(REGISTRY_KEYS.BATCH_KEY, np.int64)[:, 0],
@@ -548,7 +548,7 @@ class LatentDiffusionModel(
             "cont_covs": get(_CONT_COVS, np.float32),
             "cont_conds": get(CONT_CONDITIONS_FIELD, np.float32),
             "spatial": get(SPATIAL_FIELD, np.float32),
-            "programs": self._program_codes(manager.get_from_registry(REGISTRY_KEYS.X_KEY), n),
+            "programs": self._program_codes(counts, n),
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
 
@@ -1443,7 +1443,8 @@ class LatentDiffusionModel(
             spatial_cols, _ = self._spatial_columns(n, coords, None, None, rng, False)
             ref_rows = self._reference_rows(frame, rng)
             ref = {k: v[ref_rows] for k, v in self.reference_.items()}
-        n_programs = len(self._program_state()["names"]) if self._program_state() else 0
+        program_names = (self._program_state() or {}).get("names", [])
+        n_programs = len(program_names)
         if programs is None:
             programs = np.full((n, n_programs), np.nan, dtype=np.float32)
         flow_cont = np.concatenate([flow_cont, spatial_cols, programs], axis=1)
@@ -1534,7 +1535,7 @@ class LatentDiffusionModel(
         }
         latents = np.concatenate(latents)
         rna = self._generated_anndata(*parts["rna"], latents, frame, ref, settings_used)
-        for j, name in enumerate(self._program_state()["names"] if n_programs else []):
+        for j, name in enumerate(program_names):
             if np.isfinite(programs[:, j]).any():
                 rna.obs[f"{name}_program"] = programs[:, j]
         if coords is not None:

@@ -183,29 +183,33 @@ class ProgramMixin:
     """Gene-program conditioning for :class:`~latentcell.LatentDiffusionModel`."""
 
     def _program_state(self) -> dict | None:
-        """Return the registered programs and their statistics (``None`` without programs)."""
+        """Return the registered programs and their statistics (``None`` without programs).
+
+        The statistics come from the training cells, computed on first use (a loaded model
+        brings its saved ones, so loading never recomputes them).
+        """
         programs = self.registry_["setup_args"].get("gene_programs")
         if not programs:
             return None
+        if not self.program_stats_:
+            self.program_stats_ = self._training_program_stats(programs)
         return {"programs": dict(programs), "names": list(programs), "stats": self.program_stats_}
 
-    def _init_programs(self) -> None:
+    def _training_program_stats(self, programs: Mapping[str, Sequence[str]]) -> dict:
         """Gene statistics and activity percentiles of the training cells."""
-        state = self._program_state()
-        if state is None or self.adata is None:
-            return
-        manager = self.adata_manager
+        if self.adata is None:
+            raise ValueError("This model holds neither program statistics nor training data.")
         from scvi import REGISTRY_KEYS
 
-        x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        x = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         n = self.adata.n_obs
-        stats = program_gene_stats(x, n, state["programs"], self.var_names_)
-        activity = program_activity(x, n, state["programs"], stats, self.var_names_)
+        stats = program_gene_stats(x, n, programs, self.var_names_)
+        activity = program_activity(x, n, programs, stats, self.var_names_)
         stats["levels"] = {
             name: {level: float(np.percentile(activity[:, j], q)) for level, q in LEVELS.items()}
-            for j, name in enumerate(state["names"])
+            for j, name in enumerate(programs)
         }
-        self.program_stats_ = stats
+        return stats
 
     def _program_codes(self, x, n_obs: int) -> np.ndarray:
         state = self._program_state()
