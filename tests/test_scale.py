@@ -8,6 +8,7 @@ import pytest
 from scipy import sparse
 
 import latentcell as lc
+from latentcell._memory import _malloc_trim, release_memory
 from latentcell.model._validation import row_blocks, row_sums
 
 from .conftest import FAST_MODEL
@@ -39,6 +40,27 @@ def test_row_blocks_and_sums_cover_every_row(tmp_path):
     assert [b.shape[0] for b in blocks] == [64, 64, 64, 8]
     np.testing.assert_allclose(row_sums(backed.X, backed.n_obs), mem.X.sum(axis=1).A1)
     assert row_sums(mem.X, 0).shape == (0,)
+
+
+def _resident_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(_malloc_trim() is None, reason="needs glibc's malloc_trim (Linux)")
+def test_release_memory_returns_freed_heap_blocks_to_the_system():
+    # 1,500 heap blocks of 64 KiB (below glibc's mmap threshold, so they live in the heap),
+    # every one but the last freed: the last pins the heap top, so only trimming inside
+    # the heap can give the ~94 MiB back.
+    blocks = [np.ones(8192) for _ in range(1500)]
+    keep = blocks[-1]
+    del blocks
+    before = _resident_mib()
+    assert release_memory()
+    assert before - _resident_mib() > 50
+    assert keep.sum() == 8192
 
 
 @pytest.mark.parametrize("dense", [False, True])

@@ -41,6 +41,7 @@ from latentcell._constants import (
     PERTURBATION_FIELD,
     SPATIAL_FIELD,
 )
+from latentcell._memory import release_memory
 from latentcell.model import _io
 from latentcell.model._batch import BatchCorrectionMixin
 from latentcell.model._data import CountsDataModule, LatentDataModule
@@ -792,6 +793,7 @@ class LatentDiffusionModel(
             **kwargs,
         )
         runner()
+        release_memory()
         self.stage_history_[stage] = dict(self.history_ or {})
         self.history_ = self._merged_history()
         self.is_trained_ = True
@@ -884,6 +886,7 @@ class LatentDiffusionModel(
             inference_inputs = vae._get_inference_input(tensors)
             outputs = vae.inference(**inference_inputs, **extra)
             out.append(outputs["qz"].loc.cpu())
+            release_memory()
         return torch.cat(out).numpy()
 
     def _train_flow(self, opts: FlowStageOptions) -> None:
@@ -1521,6 +1524,7 @@ class LatentDiffusionModel(
                 px = self._decode(z, {k: v[sl] for k, v in ref.items()})
                 if writer is not None:
                     writer.append(self._draw(px)["rna"][0], z.cpu().numpy())
+                    release_memory()
                     continue
                 for name, (c, m) in self._draw(px).items():
                     parts.setdefault(name, ([], []))

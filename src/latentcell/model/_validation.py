@@ -7,6 +7,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from latentcell._memory import release_memory
+
 
 def check_not_view(adata: AnnData, what: str = "adata") -> None:
     """Refuse AnnData views, which scvi-tools would otherwise copy behind the user's back."""
@@ -29,10 +31,12 @@ def row_blocks(x, n_rows: int, block: int = 8192):
 
     Works for numpy arrays, scipy sparse matrices and the on-disk matrices of a backed
     AnnData (h5py datasets, anndata's sparse datasets), so a pass over a matrix holds one
-    block in memory, never the whole matrix.
+    block in memory, never the whole matrix (and the heap is trimmed after each block, see
+    :func:`~latentcell._memory.release_memory`).
     """
     for start in range(0, n_rows, block):
         yield x[start : min(start + block, n_rows)]
+        release_memory()
 
 
 def row_sums(x, n_rows: int) -> np.ndarray:
@@ -84,7 +88,11 @@ def check_counts(adata: AnnData, layer: str | None, allow_empty_cells: bool = Fa
         values = values[finite]
         n_neg += int((values < 0).sum())
         minimum = min(minimum, float(values.min())) if values.size else minimum
-        frac = np.abs(values - np.round(values)) > 1e-6
+        distance = np.round(values)  # in place from here: one temporary per block
+        np.subtract(distance, values, out=distance)
+        np.abs(distance, out=distance)
+        frac = distance > 1e-6
+        del distance
         n_frac += int(frac.sum())
         if example is None and frac.any():
             example = float(values[frac][0])
