@@ -8,6 +8,25 @@ import latentcell as lc
 
 warnings.filterwarnings("ignore", message=".*litlogger.*")
 
+
+def pytest_runtest_setup(item):
+    """Seed torch, numpy and ``random`` before each test and the fixtures it sets up.
+
+    torch draws a random default seed per process, so a model built in a fixture would get
+    different initial weights on every run (and tests on trained models would pass or fail
+    by luck). Seeding here, before pytest builds the test's fixtures, makes every test and
+    every module-scoped model the same on every run and in any selection of tests.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 (the global state, for code that uses it)
+    torch.manual_seed(0)
+
+
 FAST_MODEL = dict(n_latent=8, n_hidden=32, flow_n_hidden=32, flow_n_layers=2, token_dim=4)
 FAST_TRAIN = dict(
     max_epochs=8, flow_max_epochs=15, accelerator="cpu", seed=0, enable_progress_bar=False

@@ -175,19 +175,20 @@ def test_denoisers_read_the_context_once_their_gates_open(denoiser):
 def test_sampling_moves_the_requested_program_and_not_the_other(program_model):
     kw = dict(seed=0, progress_bar=False)
     cells = {"cell_type": "type_0"}
+    # the 90th / 10th percentiles over all training cells (about 0.96 / -1.07), as numbers:
+    # type_0's own percentiles (1.03 / -0.55) are a narrower range
+    levels = program_model.program_stats_["levels"]["up"]
     scores = {}
     for level in ("high", "low", None):
-        conditions = dict(cells, programs={"up": level}) if level else cells
+        conditions = dict(cells, programs={"up": levels[level]}) if level else cells
         out = program_model.sample(300, conditions=conditions, **kw)
         scores[level] = program_model.get_program_scores(out).mean()
         if level:
-            assert out.obs["up_program"].iloc[0] == pytest.approx(
-                program_model.program_stats_["levels"]["up"][level]
-            )
+            assert out.obs["up_program"].iloc[0] == pytest.approx(levels[level])
             assert "other_program" not in out.obs
             assert "programs" in out.uns["latentcell"]["requested"]
         assert (out.obs["cell_type"] == "type_0").all()
-    # measured (seed 0): up about 0.5-0.7 (high), 0.16 (unspecified), -0.2 to -0.6 (low)
+    # measured (seed 0): up about 0.5-0.7 (high), 0.0-0.2 (unspecified), -0.4 to -0.6 (low)
     assert scores["high"]["up"] > scores[None]["up"] + 0.3
     assert scores["low"]["up"] < scores[None]["up"] - 0.3
     # The other program is coupled to this one through the CP10k normalisation (when the
@@ -198,6 +199,34 @@ def test_sampling_moves_the_requested_program_and_not_the_other(program_model):
     slope = np.polyfit(real["up"], real["other"], 1)[0]
     shift = scores["high"] - scores["low"]
     assert abs(shift["other"] - slope * shift["up"]) < 0.5 * shift["up"], (slope, shift)
+
+
+def test_high_and_low_are_percentiles_within_the_requested_label(program_model):
+    stats = program_model.program_stats_
+    real = program_model.get_program_scores()
+    labels = program_model.adata.obs["cell_type"].astype(str).to_numpy()
+    for label in np.unique(labels):
+        own = real["up"].to_numpy()[labels == label]
+        assert stats["levels_by_label"][label]["up"]["high"] == pytest.approx(
+            np.percentile(own, 90), rel=1e-5
+        )
+    assert stats["levels"]["up"]["low"] == pytest.approx(np.percentile(real["up"], 10), rel=1e-5)
+    # per-cell labels pick their own percentiles; no label falls back to all cells'
+    out = program_model.sample(
+        conditions={"cell_type": ["type_0", "type_1"], "programs": {"up": "high"}},
+        seed=0,
+        progress_bar=False,
+    )
+    assert out.obs["up_program"].tolist() == pytest.approx(
+        [stats["levels_by_label"][t]["up"]["high"] for t in ("type_0", "type_1")]
+    )
+    assert stats["levels_by_label"]["type_0"] != stats["levels_by_label"]["type_1"]
+    # a model saved before per-label levels existed (or a label too rare) uses the global ones
+    from latentcell.model._programs import requested_levels
+
+    assert requested_levels(
+        {"up": "low"}, 2, ["up"], stats["levels"], ["type_0", "rare"], {}
+    ).ravel().tolist() == pytest.approx([stats["levels"]["up"]["low"]] * 2)
 
 
 def test_numeric_levels_and_per_cell_levels(program_model):

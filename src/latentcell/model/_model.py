@@ -1280,7 +1280,9 @@ class LatentDiffusionModel(
             given the neighbourhood of training cells there, and its library size and
             covariates come from one of those neighbours. Models with ``gene_programs`` take
             ``{"programs": {"interferon": "high", "mhc_ii": -0.5}}`` in a dict: ``"high"`` /
-            ``"low"`` (the 90th / 10th percentile of the training activity), a number (an
+            ``"low"`` (the 90th / 10th percentile of the activity among training cells of
+            the requested ``labels_key`` value, or among all training cells when no label
+            is requested or it had fewer than 20 training cells), a number (an
             activity, see :meth:`get_program_scores`) or one per cell; programs not named
             are left to the flow, and the requested levels are written to
             ``obs['<program>_program']``.
@@ -1345,8 +1347,14 @@ class LatentDiffusionModel(
         programs = None
         if program_request is not None:
             state = self._program_state()
+            labels_key = self.registry_["setup_args"].get("labels_key")
             programs = requested_levels(
-                program_request, len(frame), state["names"], state["stats"]["levels"]
+                program_request,
+                len(frame),
+                state["names"],
+                state["stats"]["levels"],
+                labels=frame[labels_key].tolist() if labels_key in frame else None,
+                levels_by_label=state["stats"].get("levels_by_label"),
             )
         return self._generate(
             frame,

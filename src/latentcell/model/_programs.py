@@ -22,6 +22,16 @@ from latentcell.model._validation import row_blocks
 
 #: Percentiles of the training activity that ``"high"`` and ``"low"`` ask for.
 LEVELS = {"high": 90.0, "low": 10.0}
+#: Fewest training cells of a label for its own percentiles; rarer labels use all cells'.
+MIN_LABEL_CELLS = 20
+
+
+def activity_levels(activity: np.ndarray, names: Sequence[str]) -> dict:
+    """``{program: {"high": p90, "low": p10}}`` of activities ``(n_cells, n_programs)``."""
+    return {
+        name: {level: float(np.percentile(activity[:, j], q)) for level, q in LEVELS.items()}
+        for j, name in enumerate(names)
+    }
 
 
 def check_programs(
@@ -135,13 +145,22 @@ def program_activity(
 
 
 def requested_levels(
-    request: Mapping, n: int, names: Sequence[str], levels: Mapping[str, Mapping[str, float]]
+    request: Mapping,
+    n: int,
+    names: Sequence[str],
+    levels: Mapping[str, Mapping[str, float]],
+    labels: Sequence | None = None,
+    levels_by_label: Mapping[str, Mapping] | None = None,
 ) -> np.ndarray:
     """Program activities ``(n, n_programs)`` asked for in ``conditions['programs']``.
 
-    Values are ``"high"`` / ``"low"`` (the 90th / 10th percentile of the program's training
-    activity), numbers (activity in the module docstring's units) or one of these per cell;
-    programs not named stay NaN (unspecified: the flow draws them).
+    Values are ``"high"`` / ``"low"``, numbers (activity in the module docstring's units) or
+    one of these per cell; programs not named stay NaN (unspecified: the flow draws them).
+    ``"high"`` / ``"low"`` are the 90th / 10th percentile of the program's activity among
+    the training cells of the cell's requested label (``labels``, looked up in
+    ``levels_by_label``), so that "high within a cell type" is high for that type; a cell
+    without a requested label, or whose label had fewer than ``MIN_LABEL_CELLS`` training
+    cells, gets the percentile over all training cells (``levels``).
     """
     if not isinstance(request, Mapping):
         raise ValueError(
@@ -162,14 +181,15 @@ def requested_levels(
                 f"per cell."
             )
         col = []
-        for v in values:
+        for i, v in enumerate(values):
             if isinstance(v, str):
                 if v not in LEVELS:
                     raise ValueError(
                         f"Program level {v!r} of {name!r} is not understood; use 'high', 'low' "
                         f"or a number (activity: mean z-score of the program's genes)."
                     )
-                col.append(levels[name][v])
+                own = (levels_by_label or {}).get(None if labels is None else str(labels[i]))
+                col.append((own or levels)[name][v])
             else:
                 v = float(v)
                 if not np.isfinite(v):
@@ -205,10 +225,19 @@ class ProgramMixin:
         n = self.adata.n_obs
         stats = program_gene_stats(x, n, programs, self.var_names_)
         activity = program_activity(x, n, programs, stats, self.var_names_)
-        stats["levels"] = {
-            name: {level: float(np.percentile(activity[:, j], q)) for level, q in LEVELS.items()}
-            for j, name in enumerate(programs)
-        }
+        stats["levels"] = activity_levels(activity, list(programs))
+        labels_key = self.registry_["setup_args"].get("labels_key")
+        if labels_key is not None:
+            from scvi import REGISTRY_KEYS
+
+            codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
+            names = self._field_state(REGISTRY_KEYS.LABELS_KEY)["categorical_mapping"]
+            codes = codes.ravel().astype(int)
+            stats["levels_by_label"] = {
+                str(label): activity_levels(activity[codes == k], list(programs))
+                for k, label in enumerate(names)
+                if (codes == k).sum() >= MIN_LABEL_CELLS
+            }
         return stats
 
     def _program_codes(self, x, n_obs: int) -> np.ndarray:
@@ -259,4 +288,11 @@ class ProgramMixin:
         return pd.DataFrame(scores, index=adata.obs_names.copy(), columns=state["names"])
 
 
-__all__ = ["LEVELS", "ProgramMixin", "check_programs", "program_activity", "program_gene_stats"]
+__all__ = [
+    "LEVELS",
+    "MIN_LABEL_CELLS",
+    "ProgramMixin",
+    "check_programs",
+    "program_activity",
+    "program_gene_stats",
+]
