@@ -30,7 +30,10 @@ Rows, all from this run and on the same split:
   the velocity ``v_0 + w (v_p - v_0)`` amplifies the learned response; both values are shown,
   none is picked on the held-out cell type;
 - latentcell (residual on latent shift): the same VAE, the perturbation flow retrained with
-  ``perturbation_residual=True`` (velocity = linear latent shift + learned correction).
+  ``perturbation_residual=True`` (velocity = linear latent shift + learned correction);
+- latentcell regeneration (flow / decoder): a second model with the condition registered as
+  the batch; ``correct_batch`` moves each control cell to the perturbed condition, through
+  the latent flow (inverted and regenerated) or through the decoder only.
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
 [--device cpu|cuda]`` (data from ``../shared/data`` or ``$LATENTCELL_DATA``). Writes
@@ -61,6 +64,8 @@ ROWS = (
     "latentcell, cfg 1.25",
     "latentcell, cfg 1.5",
     "latentcell (residual on latent shift)",
+    "latentcell regeneration (flow)",
+    "latentcell regeneration (decoder)",
 )
 SCORES = ("r2_pearson_all", "r2_pearson_top100", "delta_pearson_all", "energy")
 #: Figures quoted in issue #4 for the Kang protocol (top-100-DE R^2 per cell type, sorted by
@@ -110,6 +115,36 @@ def mean_shift_prediction(train: ad.AnnData, control: ad.AnnData, cell_type: str
         shifts.append(stim - ctrl)
     pred = np.expm1(np.clip(_log_norm(control.X) + np.mean(shifts, axis=0), 0, None))
     return ad.AnnData(X=pred.astype(np.float32), obs=control.obs.copy(), var=control.var.copy())
+
+
+def regeneration_predictions(train, src, seed, accelerator, quick=False) -> dict:
+    """Counterfactuals by regeneration: the condition registered as the batch.
+
+    A second model, set up with the condition as ``batch_key`` (donor as a categorical
+    covariate, cell type as labels) and trained with its defaults; each control cell is then
+    moved to the perturbed condition by :meth:`~latentcell.LatentDiffusionModel.correct_batch`
+    (``strategy="flow"``: the latent flow inverted to noise under the cell's own type and
+    condition, regenerated under the perturbed one, decoded with the perturbed condition) and,
+    as its decoder-only baseline, ``strategy="decoder"`` (scVI-style ``transform_batch``).
+    """
+    import scvi
+
+    import latentcell as lc
+
+    regen = train.copy()
+    scvi.settings.seed = seed
+    lc.LatentDiffusionModel.setup_anndata(
+        regen, labels_key=CELL_TYPE, batch_key=CONDITION, categorical_covariate_keys=[BATCH]
+    )
+    model = lc.LatentDiffusionModel(regen)
+    epochs = dict(max_epochs=2, flow_max_epochs=2) if quick else {}
+    model.train(accelerator=accelerator, devices=1, enable_progress_bar=False, **epochs)
+    return {
+        f"latentcell regeneration ({strategy})": model.correct_batch(
+            indices=src, target_batch="pert", strategy=strategy, seed=seed, progress_bar=False
+        )
+        for strategy in ("flow", "decoder")
+    }
 
 
 def run_cell_type(adata, cell_type, seed, accelerator, quick=False) -> dict:
@@ -178,6 +213,7 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False) -> dict:
         "latentcell (residual on latent shift)": model.predict_perturbation(
             indices=src, perturbation="pert", seed=seed, progress_bar=False
         ),
+        **regeneration_predictions(train, src, seed, accelerator, quick),
     }
     out = {}
     for name, pred in preds.items():
