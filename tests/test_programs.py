@@ -278,3 +278,14 @@ def test_batch_correction_keeps_each_cells_program_activity(program_model):
     before = program_model.get_program_scores()["up"]
     after = program_model.get_program_scores(out)["up"]
     assert np.corrcoef(before, after)[0, 1] > 0.5
+
+
+def test_streamed_samples_keep_the_requested_program_levels(program_model, tmp_path):
+    conditions = {"cell_type": "type_0", "programs": {"up": "high"}}
+    kw = dict(conditions=conditions, seed=0, batch_size=4, progress_bar=False)
+    on_disk = program_model.sample(6, out_path=tmp_path / "cells.h5ad", **kw)
+    in_memory = program_model.sample(6, **kw)
+    assert "other_program" not in on_disk.obs
+    np.testing.assert_allclose(on_disk.obs["up_program"], in_memory.obs["up_program"])
+    np.testing.assert_allclose(on_disk.X[:].toarray(), in_memory.X.toarray())
+    on_disk.file.close()

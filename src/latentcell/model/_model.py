@@ -1495,8 +1495,7 @@ class LatentDiffusionModel(
                 ref,
                 {**settings_used, "out_path": str(out_path)},
             )
-            if coords is not None:
-                skeleton.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
+            self._annotate_generated(skeleton, programs, program_names, coords)
             writer = H5adWriter(out_path, skeleton)
 
         device = self.module.device
@@ -1547,12 +1546,16 @@ class LatentDiffusionModel(
         }
         latents = np.concatenate(latents)
         rna = self._generated_anndata(*parts["rna"], latents, frame, ref, settings_used)
+        self._annotate_generated(rna, programs, program_names, coords)
+        return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
+
+    def _annotate_generated(self, adata: AnnData, programs, program_names, coords) -> None:
+        """Write the requested program levels and the positions of generated cells."""
         for j, name in enumerate(program_names):
             if np.isfinite(programs[:, j]).any():
-                rna.obs[f"{name}_program"] = programs[:, j]
+                adata.obs[f"{name}_program"] = programs[:, j]
         if coords is not None:
-            rna.obsm[spatial["key"]] = np.asarray(coords, dtype=np.float32)
-        return self._generated_mudata(rna, parts, latents) if self.is_multimodal else rna
+            adata.obsm[self._spatial_state()["key"]] = np.asarray(coords, dtype=np.float32)
 
     def sample_path(
         self,
