@@ -18,7 +18,6 @@ from latentcell._constants import DOSE_FIELD, LATENT_KEY, MEAN_LAYER, PERTURBATI
 from latentcell.model._data import PairedLatentDataModule
 from latentcell.model._validation import check_registered_obs
 from latentcell.module import SAMPLER_METHODS
-from latentcell.module._counts import sample_counts
 
 #: ``obs`` column of predicted cells naming the input cell each prediction came from.
 SOURCE_CELL_KEY = "source_cell"
@@ -401,8 +400,9 @@ class PerturbationMixin:
                     torch.as_tensor(z_pred[rows], device=device),
                     {k: v[rows] for k, v in codes.items()},
                 )
-                counts.append(sparse.csr_matrix(sample_counts(px).cpu().numpy().astype(np.float32)))
-                means.append(px.mean.cpu().numpy().astype(np.float32))
+                c, m = self._draw(px)["rna"]
+                counts.append(c)
+                means.append(m)
 
         extra = {state["key"]: pd.Categorical(np.asarray(values, dtype=object)[rep].astype(str))}
         if doses is not None:
