@@ -292,3 +292,41 @@ def test_vae_prior_sampling_after_vae_stage_only(synthetic):
     model.train(stage="vae", max_epochs=2, accelerator="cpu", enable_progress_bar=False)
     gen = model.sample(n_samples=4, latent_prior="normal", seed=0, progress_bar=False)
     assert gen.n_obs == 4 and gen.uns["latentcell"]["latent_prior"] == "normal"
+
+
+def test_get_normalized_expression_follows_scvi_conventions(trained):
+    adata = trained.adata
+    before = (set(adata.obsm), set(adata.layers))
+    props = trained.get_normalized_expression()
+    assert props.shape == (adata.n_obs, adata.n_vars)
+    assert list(props.index) == list(adata.obs_names)
+    assert list(props.columns) == list(adata.var_names)
+    np.testing.assert_allclose(props.sum(1), 1.0, rtol=1e-4)
+    # "latent" scales by each cell's observed library: the decoder's mean counts
+    means = trained.get_normalized_expression(indices=[0, 5], library_size="latent")
+    library = np.asarray(adata.layers["counts"][[0, 5]].sum(1)).ravel()
+    np.testing.assert_allclose(means.sum(1), library, rtol=1e-4)
+    sub = trained.get_normalized_expression(
+        indices=[0, 5], gene_list=["gene_3", "gene_1"], library_size=1e4, return_numpy=True
+    )
+    np.testing.assert_allclose(sub, 1e4 * props.iloc[[0, 5]][["gene_3", "gene_1"]], rtol=1e-4)
+    # decoding every cell in one batch changes the cells of the other batch only
+    batches = adata.obs["batch"].astype(str).to_numpy()
+    moved = trained.get_normalized_expression(transform_batch=batches[0])
+    same = batches == batches[0]
+    np.testing.assert_allclose(moved[same], props[same], rtol=1e-5)
+    assert not np.allclose(moved[~same], props[~same])
+    assert (set(adata.obsm), set(adata.layers)) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"transform_batch": "nope"}, "not a registered batch"),
+        ({"gene_list": ["gene_1", "nope"]}, "not among the model's genes"),
+        ({"library_size": 0}, "positive number or 'latent'"),
+    ],
+)
+def test_get_normalized_expression_rejects_bad_requests(trained, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trained.get_normalized_expression(**kwargs)

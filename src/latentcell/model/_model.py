@@ -1147,6 +1147,104 @@ class LatentDiffusionModel(
             adata.obsm[key_added] = latent
         return latent
 
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        transform_batch: str | None = None,
+        gene_list=None,
+        library_size: float | Literal["latent"] = 1.0,
+        batch_size: int = 1024,
+        return_numpy: bool = False,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression of cells: the VAE decoder's mean at each cell's latent.
+
+        scVI's convention: each cell is encoded (posterior mean), decoded with its own
+        covariates (or with the batch ``transform_batch``), and the decoder's normalised
+        expression (proportions that sum to 1 over all genes) is scaled by ``library_size``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes; defaults to the training data. Not modified
+            (a query AnnData not yet seen is registered, as in every scvi-tools query method).
+        indices
+            Cells to use; ``None`` uses all.
+        transform_batch
+            Decode every cell as if it came from this batch (a category of the registered
+            ``batch_key``); ``None`` keeps each cell's own batch.
+        gene_list
+            Genes to return (names in the training genes); ``None`` returns all.
+        library_size
+            Scale of the proportions: a number (e.g. ``1e4`` for counts per 10,000), or
+            ``"latent"`` for each cell's own observed library size (the decoder's mean counts).
+        batch_size
+            Cells decoded at once.
+        return_numpy
+            Return an array instead of a DataFrame.
+
+        Returns
+        -------
+        Cells x genes, as a DataFrame indexed by the cells' names with the genes as columns
+        (or an array).
+        """
+        self._check_stage("vae", "compute normalised expression")
+        if self.is_multimodal:
+            raise ValueError(
+                "get_normalized_expression is for RNA-only models; for a MuData model use "
+                "translate(...) or sample(...), which return every modality's decoded means."
+            )
+        if not (library_size == "latent" or (np.ndim(library_size) == 0 and library_size > 0)):
+            raise ValueError(
+                f"library_size must be a positive number or 'latent', got {library_size!r}."
+            )
+        genes = self.var_names_
+        columns = np.arange(len(genes))
+        if gene_list is not None:
+            position = {g: i for i, g in enumerate(genes)}
+            missing = [g for g in gene_list if g not in position]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} gene(s) of gene_list are not among the model's genes, e.g. "
+                    f"{missing[:3]}."
+                )
+            columns = np.array([position[g] for g in gene_list], dtype=np.int64)
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
+        if transform_batch is not None:
+            batches = [
+                str(b) for b in self._field_state(REGISTRY_KEYS.BATCH_KEY)["categorical_mapping"]
+            ]
+            if str(transform_batch) not in batches:
+                raise ValueError(
+                    f"transform_batch={transform_batch!r} is not a registered batch; the "
+                    f"batches are {batches}."
+                )
+            codes["batch"] = np.full(len(indices), batches.index(str(transform_batch)))
+        z = self._latent_means(adata, indices=indices, batch_size=batch_size)
+        device = self.module.device
+        self.module.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(indices), batch_size):
+                sl = slice(start, start + batch_size)
+                px = self._decode(
+                    torch.as_tensor(z[sl], device=device), {k: v[sl] for k, v in codes.items()}
+                )
+                scale = px.scale.cpu().numpy()[:, columns]
+                if library_size == "latent":
+                    scale = scale * np.exp(codes["log_library"][sl])[:, None]
+                else:
+                    scale = scale * float(library_size)
+                out.append(scale.astype(np.float32))
+        values = np.concatenate(out) if out else np.zeros((0, len(columns)), dtype=np.float32)
+        if return_numpy:
+            return values
+        return pd.DataFrame(
+            values, index=adata.obs_names[indices].copy(), columns=pd.Index(genes[columns])
+        )
+
     # ------------------------------------------------------------------ sampling
     def _parse_conditions(self, n_samples, conditions) -> pd.DataFrame:
         attrs = self._condition_attributes()
