@@ -1213,9 +1213,8 @@ class LatentDiffusionModel(
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
         if transform_batch is not None:
-            batches = [
-                str(b) for b in self._field_state(REGISTRY_KEYS.BATCH_KEY)["categorical_mapping"]
-            ]
+            _, attr = self._batch_attribute(None)  # the registered batch_key
+            batches = [str(b) for b in attr["categories"]]
             if str(transform_batch) not in batches:
                 raise ValueError(
                     f"transform_batch={transform_batch!r} is not a registered batch; the "
