@@ -98,8 +98,11 @@ def load_dataset(name: str) -> ad.AnnData:
 
 
 def _log_norm(x) -> np.ndarray:
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    """Dense log1p(CP10k) (``latentcell.metrics.log1p_cp10k``)."""
+    from latentcell.metrics import log1p_cp10k
+
+    out = log1p_cp10k(x)
+    return out.toarray() if hasattr(out, "toarray") else np.asarray(out)
 
 
 def mean_shift_prediction(train: ad.AnnData, control: ad.AnnData, cell_type: str) -> ad.AnnData:
