@@ -34,7 +34,8 @@ issue's evaluation space (:func:`latentcell.metrics.evaluate_generation`), besid
 real-vs-real null (:func:`latentcell.metrics.real_vs_real_null`).
 
 Usage: ``python benchmarks/translation_citeseq.py [--seeds 0 1 2] [--device cpu|cuda]
-[--quick]``. Writes ``results/translation_citeseq.json`` and ``.md``.
+[--quick] [--datasets 10x ECCITE] [--merge earlier.json ...]``. Writes
+``results/translation_citeseq.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -342,6 +343,13 @@ def main(argv=None):
         help="seeds that also fit protein_likelihood='nb_mixture' (default: all)",
     )
     parser.add_argument(
+        "--datasets",
+        nargs="*",
+        default=None,
+        help="run only the datasets whose name contains one of these (default: all; none: "
+        "only merge --merge files)",
+    )
+    parser.add_argument(
         "--merge",
         nargs="*",
         default=[],
@@ -357,7 +365,9 @@ def main(argv=None):
         print(f"skipped: {DATA_DIR / 'citeseq'} not found (set LATENTCELL_DATA)")
         return {}
     results = {"protocol": __doc__, "seeds": args.seeds, "per_dataset": {}}
-    for dataset in DATASETS:
+    chosen = [d for d in DATASETS if args.datasets is None or any(k in d for k in args.datasets)]
+    results["seeds"] = args.seeds if chosen else []
+    for dataset in chosen:
         results["per_dataset"][dataset] = {}
         for seed in args.seeds:
             mixture = args.mixture_seeds is None or seed in args.mixture_seeds

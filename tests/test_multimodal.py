@@ -519,6 +519,40 @@ def test_vae_only_model_translates_with_encoder_not_flow():
     assert out.uns["latentcell"]["strategy"] == "encoder"
 
 
+def test_multimodal_vae_stops_on_the_other_modalities_likelihood():
+    md, _, _ = _mdata(n_cells=80, seed=4)
+    LDM.setup_mudata(md, modalities=RNA2PROT)
+    scvi.settings.seed = 0
+    model = LDM(md, **FAST_MODEL)
+    # early stopping is on by default; Lightning raises if its monitor is not logged
+    model.train(stage="vae", max_epochs=3, seed=0, **QUIET)
+    history = model.history
+    assert "nll_secondary_validation" in history
+    np.testing.assert_allclose(
+        history["nll_secondary_validation"].to_numpy(),
+        history["nll_protein_validation"].to_numpy(),
+        rtol=1e-6,
+    )
+
+
+def test_default_vae_epochs_give_small_multimodal_data_enough_steps():
+    from latentcell.model._model import (
+        MULTIMODAL_MAX_EPOCHS,
+        MULTIMODAL_MIN_STEPS,
+        default_vae_epochs,
+    )
+
+    # RNA only: scvi-tools' heuristic, whatever the size
+    assert default_vae_epochs(140, 126, 128, multimodal=False) == 400
+    assert default_vae_epochs(100_000, 90_000, 128, multimodal=False) == 80
+    # MuData: at least MULTIMODAL_MIN_STEPS steps, at most MULTIMODAL_MAX_EPOCHS epochs
+    assert default_vae_epochs(140, 126, 128, multimodal=True) == MULTIMODAL_MAX_EPOCHS
+    n_epochs = default_vae_epochs(500, 450, 128, multimodal=True)  # 4 steps per epoch
+    assert n_epochs == MULTIMODAL_MIN_STEPS // 4 > 400
+    assert default_vae_epochs(3000, 2700, 128, multimodal=True) == 400  # 22 steps per epoch
+    assert default_vae_epochs(100_000, 90_000, 128, multimodal=True) == 80  # plenty of steps
+
+
 # --------------------------------------------------------------------------- sampling
 def test_sample_returns_mudata_and_round_trips(mm, tmp_path):
     model = mm["model"]

@@ -351,6 +351,8 @@ class MultiModalVAE(BaseModuleClass):
             nll = -px[name].log_prob(target).sum(-1) * observed[name].float()
             reconstruction[f"reconstruction_loss_{name}"] = nll
             extra[f"nll_{name}"] = nll.mean().detach()
+        # what early stopping of a multi-modal VAE watches: the modalities after the first
+        extra["nll_secondary"] = sum(extra[f"nll_{name}"] for name in self.names[1:])
         qz = inference_outputs["qz"]
         kl = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(-1)
         total = sum(reconstruction.values())
