@@ -330,3 +330,77 @@ def test_get_normalized_expression_follows_scvi_conventions(trained):
 def test_get_normalized_expression_rejects_bad_requests(trained, kwargs, match):
     with pytest.raises(ValueError, match=match):
         trained.get_normalized_expression(**kwargs)
+
+
+def test_get_normalized_expression_draws_from_the_posterior(trained):
+    mean = trained.get_normalized_expression(indices=[0, 1, 2], return_numpy=True)
+    draws = trained.get_normalized_expression(
+        indices=[0, 1, 2], n_samples=4, return_mean=False, seed=0
+    )
+    assert draws.shape == (4, 3, trained.adata.n_vars)
+    np.testing.assert_allclose(draws.sum(-1), 1.0, rtol=1e-4)
+    assert not np.allclose(draws[0], draws[1])  # distinct posterior draws
+    again = trained.get_normalized_expression(indices=[0, 1, 2], n_samples=4, seed=0)
+    np.testing.assert_allclose(again.to_numpy(), draws.mean(0), rtol=1e-5)
+    assert np.abs(draws.mean(0) - mean).max() < 0.05  # around the posterior-mean decoding
+    with pytest.raises(ValueError, match="n_samples"):
+        trained.get_normalized_expression(n_samples=0)
+
+
+@pytest.fixture(scope="module")
+def de_model():
+    """A VAE trained long enough on synthetic data with known marker genes."""
+    import scvi
+
+    adata = lc.datasets.synthetic_counts(n_cells=400, n_genes=40, n_batches=1, seed=0)
+    LDM.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    scvi.settings.seed = 0
+    model = LDM(adata, **FAST_MODEL)
+    model.train(stage="vae", max_epochs=60, accelerator="cpu", seed=0, enable_progress_bar=False)
+    return model
+
+
+def _true_log2_fold_change(adata, group):
+    """log2 ratio of the true expression proportions of ``group`` and of the other cells."""
+    truth = adata.uns["ground_truth"]
+    p = np.exp(np.asarray(truth["profiles"]))
+    p /= p.sum(1, keepdims=True)
+    types = list(truth["cell_types"])
+    n = adata.obs["cell_type"].value_counts().reindex(types).to_numpy()
+    i = types.index(group)
+    others = np.delete(np.arange(len(types)), i)
+    rest = (p[others] * n[others, None]).sum(0) / n[others].sum()
+    return np.log2(p[i] / rest)
+
+
+def test_differential_expression_recovers_the_true_markers(de_model):
+    adata = de_model.adata
+    obs_before = adata.obs.copy()
+    de = de_model.differential_expression(groupby="cell_type", group1="type_0", seed=0, silent=True)
+    assert set(de["comparison"]) == {"type_0 vs Rest"}
+    assert {"proba_de", "lfc_mean", "is_de_fdr_0.05", "raw_mean1"} <= set(de.columns)
+    de = de.loc[adata.var_names]
+    truth = _true_log2_fold_change(adata, "type_0")
+    assert np.corrcoef(de["lfc_mean"], truth)[0, 1] > 0.7
+    markers = set(adata.var_names[truth > 3])  # the type's up-regulated genes
+    top = de["proba_de"].sort_values(ascending=False).index[: len(markers)]
+    assert len(markers & set(top)) >= len(markers) - 2
+    assert (de.loc[list(markers), "lfc_mean"] > 1).sum() >= len(markers) - 1
+    pd.testing.assert_frame_equal(adata.obs, obs_before)  # the temporary column is gone
+
+
+def test_differential_expression_by_indices_and_vanilla_mode(de_model):
+    adata = de_model.adata
+    is_0 = (adata.obs["cell_type"] == "type_0").to_numpy()
+    de = de_model.differential_expression(
+        idx1=is_0, idx2=~is_0, mode="vanilla", seed=0, silent=True, all_stats=False
+    )
+    assert "bayes_factor" in de and "proba_de" not in de
+    assert len(de) == adata.n_vars
+    truth = pd.Series(_true_log2_fold_change(adata, "type_0"), index=adata.var_names)
+    # Bayes factors of "group 1 > group 2" are highest for the up-regulated genes
+    assert truth[de.index[:3]].min() > 1
+    with pytest.raises(ValueError, match="either groupby"):
+        de_model.differential_expression(groupby="cell_type", idx1=is_0)
+    with pytest.raises(ValueError, match="not a column"):
+        de_model.differential_expression(groupby="nope")

@@ -913,19 +913,28 @@ class LatentDiffusionModel(
 
     @torch.inference_mode()
     def _latent_means(
-        self, adata: AnnData, indices=None, batch_size: int | None = None, use_modalities=None
+        self,
+        adata: AnnData,
+        indices=None,
+        batch_size: int | None = None,
+        use_modalities=None,
+        return_scale: bool = False,
     ):
+        """Posterior means of the cells' latents (and their standard deviations)."""
         vae = self.module.vae
         vae.eval()
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         extra = {} if use_modalities is None else {"use_modalities": list(use_modalities)}
-        out = []
+        means, scales = [], []
         for tensors in loader:
             inference_inputs = vae._get_inference_input(tensors)
             outputs = vae.inference(**inference_inputs, **extra)
-            out.append(outputs["qz"].loc.cpu())
+            means.append(outputs["qz"].loc.cpu())
+            if return_scale:
+                scales.append(outputs["qz"].scale.cpu())
             release_memory()
-        return torch.cat(out).numpy()
+        loc = torch.cat(means).numpy()
+        return (loc, torch.cat(scales).numpy()) if return_scale else loc
 
     def _train_flow(self, opts: FlowStageOptions) -> None:
         self._check_stage("vae", "train the flow")
@@ -1192,14 +1201,19 @@ class LatentDiffusionModel(
         transform_batch: str | None = None,
         gene_list=None,
         library_size: float | Literal["latent"] = 1.0,
+        n_samples: int = 1,
+        return_mean: bool = True,
         batch_size: int = 1024,
         return_numpy: bool = False,
+        seed: int | None = None,
     ) -> pd.DataFrame | np.ndarray:
         """Denoised expression of cells: the VAE decoder's mean at each cell's latent.
 
-        scVI's convention: each cell is encoded (posterior mean), decoded with its own
-        covariates (or with the batch ``transform_batch``), and the decoder's normalised
-        expression (proportions that sum to 1 over all genes) is scaled by ``library_size``.
+        scVI's convention: each cell is encoded, decoded with its own covariates (or with the
+        batch ``transform_batch``), and the decoder's normalised expression (proportions that
+        sum to 1 over all genes) is scaled by ``library_size``. With ``n_samples=1`` the
+        latent is the posterior mean (deterministic); with more, that many latents are drawn
+        from each cell's posterior.
 
         Parameters
         ----------
@@ -1216,16 +1230,47 @@ class LatentDiffusionModel(
         library_size
             Scale of the proportions: a number (e.g. ``1e4`` for counts per 10,000), or
             ``"latent"`` for each cell's own observed library size (the decoder's mean counts).
+        n_samples
+            Latents per cell: 1 uses the posterior mean, more draw from the posterior.
+        return_mean
+            With ``n_samples > 1``, average the draws; ``False`` returns them all as an array
+            ``(n_samples, n_cells, n_genes)``, as scVI does.
         batch_size
             Cells decoded at once.
         return_numpy
             Return an array instead of a DataFrame.
+        seed
+            Seed of the posterior draws (``n_samples > 1``).
 
         Returns
         -------
         Cells x genes, as a DataFrame indexed by the cells' names with the genes as columns
         (or an array).
         """
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+        values, adata, indices, names = self._normalized_expression(
+            adata,
+            indices,
+            transform_batch,
+            gene_list,
+            library_size,
+            n_draws=0 if n_samples == 1 else int(n_samples),
+            batch_size=batch_size,
+            seed=seed,
+        )
+        if n_samples == 1 or return_mean:
+            values = values.mean(0)
+        else:
+            return values
+        if return_numpy:
+            return values
+        return pd.DataFrame(values, index=adata.obs_names[indices].copy(), columns=names)
+
+    def _normalized_expression(
+        self, adata, indices, transform_batch, gene_list, library_size, n_draws, batch_size, seed
+    ) -> tuple[np.ndarray, AnnData, np.ndarray, pd.Index]:
+        """``(max(n_draws, 1), cells, genes)`` decoded expression; 0 draws: posterior means."""
         self._check_stage("vae", "compute normalised expression")
         if self.is_multimodal:
             raise ValueError(
@@ -1259,28 +1304,158 @@ class LatentDiffusionModel(
                     f"batches are {batches}."
                 )
             codes["batch"] = np.full(len(indices), batches.index(str(transform_batch)))
-        z = self._latent_means(adata, indices=indices, batch_size=batch_size)
+        # encode each distinct cell once, in file order (indices may repeat: DE draws cells)
+        distinct, inverse = np.unique(indices, return_inverse=True)
+        loc, scale = self._latent_means(
+            adata, indices=distinct, batch_size=batch_size, return_scale=True
+        )
+        loc, scale = loc[inverse], scale[inverse]
+        if n_draws:
+            rng = np.random.default_rng(seed)
+            eps = rng.standard_normal((n_draws, *loc.shape)).astype(np.float32)
+            latents = loc[None] + scale[None] * eps
+        else:
+            latents = loc[None]
         device = self.module.device
         self.module.eval()
-        out = []
+        values = np.zeros((len(latents), len(indices), len(columns)), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(indices), batch_size):
-                sl = slice(start, start + batch_size)
-                px = self._decode(
-                    torch.as_tensor(z[sl], device=device), {k: v[sl] for k, v in codes.items()}
-                )
-                scale = px.scale.cpu().numpy()[:, columns]
-                if library_size == "latent":
-                    scale = scale * np.exp(codes["log_library"][sl])[:, None]
-                else:
-                    scale = scale * float(library_size)
-                out.append(scale.astype(np.float32))
-        values = np.concatenate(out) if out else np.zeros((0, len(columns)), dtype=np.float32)
-        if return_numpy:
-            return values
-        return pd.DataFrame(
-            values, index=adata.obs_names[indices].copy(), columns=pd.Index(genes[columns])
+            for d, z in enumerate(latents):
+                for start in range(0, len(indices), batch_size):
+                    sl = slice(start, start + batch_size)
+                    px = self._decode(
+                        torch.as_tensor(z[sl], device=device),
+                        {k: v[sl] for k, v in codes.items()},
+                    )
+                    proportions = px.scale.cpu().numpy()[:, columns]
+                    if library_size == "latent":
+                        values[d, sl] = proportions * np.exp(codes["log_library"][sl])[:, None]
+                    else:
+                        values[d, sl] = proportions * float(library_size)
+        return values, adata, indices, pd.Index(genes[columns])
+
+    def differential_expression(
+        self,
+        adata: AnnData | None = None,
+        groupby: str | None = None,
+        group1: str | list[str] | None = None,
+        group2: str | None = None,
+        idx1=None,
+        idx2=None,
+        mode: Literal["vanilla", "change"] = "change",
+        delta: float = 0.25,
+        batch_size: int = 1024,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: list[str] | None = None,
+        batchid2: list[str] | None = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells, as in scVI.
+
+        scvi-tools' engine (``DifferentialComputation``) on this model's VAE: expression
+        proportions are decoded at latents drawn from the posteriors of cells drawn from
+        each group (:meth:`get_normalized_expression`), and compared gene by gene.
+        ``mode="change"`` (default) gives the probability that the log fold change exceeds
+        ``delta`` in absolute value (``proba_de``), the log fold change's posterior
+        summaries and a call at false discovery rate ``fdr_target``
+        (``is_de_fdr_<fdr_target>``); ``mode="vanilla"`` gives Bayes factors of
+        ``group1 > group2``. The result has one row per gene (and per comparison), sorted
+        by ``proba_de`` (or ``bayes_factor``), with the raw-count statistics of the groups
+        when ``all_stats``.
+
+        Parameters
+        ----------
+        adata
+            AnnData registered with this model; defaults to the training data. scvi-tools'
+            temporary ``obs`` columns are removed afterwards.
+        groupby
+            ``obs`` column of the groups.
+        group1
+            Group(s) of ``groupby`` to test, each against ``group2``; ``None`` tests every
+            group against the rest.
+        group2
+            Reference group; ``None`` is the rest of the cells.
+        idx1, idx2
+            Cells of the two groups as indices or boolean masks, instead of ``groupby``.
+        mode, delta, fdr_target
+            See above.
+        batch_size
+            Cells decoded at once.
+        all_stats
+            Add mean counts, detection rates and mean normalised expression per group.
+        batch_correction, batchid1, batchid2
+            Decode every drawn cell in every batch (or in the given batches of the registered
+            ``batch_key``) and pool, rather than in its own batch.
+        silent
+            Hide the progress bar.
+        seed
+            Seed of the cells and latents drawn.
+        **kwargs
+            Passed to :meth:`scvi.model.base.DifferentialComputation.get_bayes_factors`
+            (e.g. ``n_samples``, ``pseudocounts``).
+
+        Returns
+        -------
+        A DataFrame as scVI's ``differential_expression`` returns.
+        """
+        from scvi.model._utils import scrna_raw_counts_properties
+        from scvi.model.base._de_core import _de_core
+
+        self._check_stage("vae", "test differential expression")
+        if self.is_multimodal:
+            raise ValueError("differential_expression is for RNA-only models.")
+        if (groupby is None) == (idx1 is None):
+            raise ValueError("Pass either groupby (an obs column) or idx1 (and idx2), not both.")
+        adata = self._validate_anndata(adata)
+        if groupby is not None and groupby not in adata.obs:
+            raise ValueError(f"groupby={groupby!r} is not a column of adata.obs.")
+        rng = np.random.default_rng(seed)
+
+        def model_fn(data, indices, transform_batch=None, n_samples_overall=None):
+            indices = np.asarray(indices)
+            if n_samples_overall is not None:
+                indices = rng.choice(indices, int(n_samples_overall))
+            values, *_ = self._normalized_expression(
+                data,
+                indices,
+                transform_batch,
+                None,
+                1.0,
+                n_draws=1,
+                batch_size=batch_size,
+                seed=int(rng.integers(2**31)),
+            )
+            return values[0]
+
+        added = [c for c in ("_scvi_raw_norm_scaling",) if c not in adata.obs]
+        result = _de_core(
+            self.get_anndata_manager(adata, required=True),
+            model_fn,
+            None,
+            groupby,
+            group1,
+            group2,
+            idx1,
+            idx2,
+            all_stats,
+            scrna_raw_counts_properties,
+            pd.Index(self.var_names_),
+            mode,
+            batchid1,
+            batchid2,
+            delta,
+            batch_correction,
+            fdr_target,
+            silent,
+            **kwargs,
         )
+        # scvi-tools caches each cell's count-normalisation factor in obs: leave none behind
+        adata.obs.drop(columns=[c for c in added if c in adata.obs], inplace=True)
+        return result
 
     # ------------------------------------------------------------------ sampling
     def _parse_conditions(self, n_samples, conditions) -> pd.DataFrame:
