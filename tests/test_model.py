@@ -404,3 +404,7 @@ def test_differential_expression_by_indices_and_vanilla_mode(de_model):
         de_model.differential_expression(groupby="cell_type", idx1=is_0)
     with pytest.raises(ValueError, match="not a column"):
         de_model.differential_expression(groupby="nope")
+    obs_before = adata.obs.copy()
+    with pytest.raises(ValueError, match=r"\['nope'\] not found .* groups are"):
+        de_model.differential_expression(groupby="cell_type", group1="type_0", group2="nope")
+    pd.testing.assert_frame_equal(adata.obs, obs_before)

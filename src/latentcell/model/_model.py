@@ -1411,8 +1411,17 @@ class LatentDiffusionModel(
         if (groupby is None) == (idx1 is None):
             raise ValueError("Pass either groupby (an obs column) or idx1 (and idx2), not both.")
         adata = self._validate_anndata(adata)
-        if groupby is not None and groupby not in adata.obs:
-            raise ValueError(f"groupby={groupby!r} is not a column of adata.obs.")
+        if groupby is not None:
+            if groupby not in adata.obs:
+                raise ValueError(f"groupby={groupby!r} is not a column of adata.obs.")
+            present = set(adata.obs[groupby].astype(str))
+            asked = [] if group1 is None else [group1] if isinstance(group1, str) else group1
+            unknown = [g for g in [*asked, group2] if g is not None and str(g) not in present]
+            if unknown:
+                raise ValueError(
+                    f"{unknown} not found in adata.obs[{groupby!r}], whose groups are "
+                    f"{sorted(present)[:20]}."
+                )
         rng = np.random.default_rng(seed)
 
         def model_fn(data, indices, transform_batch=None, n_samples_overall=None):
@@ -1431,30 +1440,33 @@ class LatentDiffusionModel(
             )
             return values[0]
 
-        added = [c for c in ("_scvi_raw_norm_scaling",) if c not in adata.obs]
-        result = _de_core(
-            self.get_anndata_manager(adata, required=True),
-            model_fn,
-            None,
-            groupby,
-            group1,
-            group2,
-            idx1,
-            idx2,
-            all_stats,
-            scrna_raw_counts_properties,
-            pd.Index(self.var_names_),
-            mode,
-            batchid1,
-            batchid2,
-            delta,
-            batch_correction,
-            fdr_target,
-            silent,
-            **kwargs,
-        )
-        # scvi-tools caches each cell's count-normalisation factor in obs: leave none behind
-        adata.obs.drop(columns=[c for c in added if c in adata.obs], inplace=True)
+        added = [c for c in ("_scvi_raw_norm_scaling", "_scvi_temp_de") if c not in adata.obs]
+        try:
+            result = _de_core(
+                self.get_anndata_manager(adata, required=True),
+                model_fn,
+                None,
+                groupby,
+                group1,
+                group2,
+                idx1,
+                idx2,
+                all_stats,
+                scrna_raw_counts_properties,
+                pd.Index(self.var_names_),
+                mode,
+                batchid1,
+                batchid2,
+                delta,
+                batch_correction,
+                fdr_target,
+                silent,
+                **kwargs,
+            )
+        finally:
+            # scvi-tools leaves a count-normalisation factor (and, on errors, its temporary
+            # group column) in obs: leave none behind
+            adata.obs.drop(columns=[c for c in added if c in adata.obs], inplace=True)
         return result
 
     # ------------------------------------------------------------------ sampling
