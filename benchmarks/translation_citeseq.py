@@ -364,9 +364,8 @@ def main(argv=None):
     if not (DATA_DIR / "citeseq").exists():
         print(f"skipped: {DATA_DIR / 'citeseq'} not found (set LATENTCELL_DATA)")
         return {}
-    results = {"protocol": __doc__, "seeds": args.seeds, "per_dataset": {}}
     chosen = [d for d in DATASETS if args.datasets is None or any(k in d for k in args.datasets)]
-    results["seeds"] = args.seeds if chosen else []
+    results = {"protocol": __doc__, "seeds": args.seeds if chosen else [], "per_dataset": {}}
     for dataset in chosen:
         results["per_dataset"][dataset] = {}
         for seed in args.seeds:
