@@ -386,6 +386,8 @@ def test_differential_expression_recovers_the_true_markers(de_model):
     top = de["proba_de"].sort_values(ascending=False).index[: len(markers)]
     assert len(markers & set(top)) >= len(markers) - 2
     assert (de.loc[list(markers), "lfc_mean"] > 1).sum() >= len(markers) - 1
+    fig = lc.pl.volcano(de, n_labels=3, return_fig=True)
+    assert {t.get_text() for t in fig.axes[0].texts} == set(de["proba_de"].nlargest(3).index)
     pd.testing.assert_frame_equal(adata.obs, obs_before)  # the temporary column is gone
 
 

@@ -149,3 +149,49 @@ def test_program_activity_panels_and_errors():
         lc.pl.program_activity(sets, programs=["other"])
     with pytest.raises(ValueError, match="at least one"):
         lc.pl.program_activity({})
+
+
+def _de_frame(comparisons=("A vs Rest",)):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for comparison in comparisons:
+        lfc = rng.normal(0, 1.5, 30)
+        proba = 1 / (1 + np.exp(-3 * (np.abs(lfc) - 1.5)))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "lfc_mean": lfc,
+                    "proba_de": proba,
+                    "is_de_fdr_0.05": proba > 0.9,
+                    "comparison": comparison,
+                },
+                index=[f"g{i}" for i in range(30)],
+            )
+        )
+    return pd.concat(frames)
+
+
+def test_volcano_colours_calls_and_names_the_top_genes():
+    de = _de_frame()
+    fig = lc.pl.volcano(de, n_labels=4, return_fig=True)
+    ax = fig.axes[0]
+    grey, red = ax.collections
+    assert len(red.get_offsets()) == int(de["is_de_fdr_0.05"].sum()) > 0
+    assert len(grey.get_offsets()) + len(red.get_offsets()) == len(de)
+    named = {t.get_text() for t in ax.texts}
+    assert named == set(de["proba_de"].nlargest(4).index)
+    assert ax.get_title() == "A vs Rest"
+
+
+def test_volcano_errors():
+    two = _de_frame(("A vs Rest", "B vs Rest"))
+    with pytest.raises(ValueError, match="several comparisons"):
+        lc.pl.volcano(two)
+    with pytest.raises(ValueError, match="not in de"):
+        lc.pl.volcano(two, comparison="C vs Rest")
+    fig = lc.pl.volcano(two, comparison="B vs Rest", return_fig=True)
+    assert fig.axes[0].get_title() == "B vs Rest"
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['proba_de'\]"):
+        lc.pl.volcano(two.drop(columns="proba_de"))

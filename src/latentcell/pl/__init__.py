@@ -1,5 +1,6 @@
 """Plots: matplotlib figures of real and generated cells, of training and of sampling cost."""
 
+from latentcell.pl._de import volcano
 from latentcell.pl._embedding import real_vs_generated_umap
 from latentcell.pl._history import training_history
 from latentcell.pl._path import expression_along_path
@@ -18,4 +19,5 @@ __all__ = [
     "steps_quality",
     "training_history",
     "translation_scatter",
+    "volcano",
 ]
