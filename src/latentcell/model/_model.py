@@ -71,6 +71,7 @@ from latentcell.module import (
     PerturbationFlow,
     TranslationFlow,
 )
+from latentcell.module._counts import sample_counts
 
 logger = logging.getLogger(__name__)
 
@@ -1268,9 +1269,21 @@ class LatentDiffusionModel(
         return pd.DataFrame(values, index=adata.obs_names[indices].copy(), columns=names)
 
     def _normalized_expression(
-        self, adata, indices, transform_batch, gene_list, library_size, n_draws, batch_size, seed
+        self,
+        adata,
+        indices,
+        transform_batch,
+        gene_list,
+        library_size,
+        n_draws,
+        batch_size,
+        seed,
+        counts: bool = False,
     ) -> tuple[np.ndarray, AnnData, np.ndarray, pd.Index]:
-        """``(max(n_draws, 1), cells, genes)`` decoded expression; 0 draws: posterior means."""
+        """``(max(n_draws, 1), cells, genes)`` decoded expression; 0 draws: posterior means.
+
+        ``counts=True`` draws counts from the likelihood (at the observed library) instead.
+        """
         self._check_stage("vae", "compute normalised expression")
         if self.is_multimodal:
             raise ValueError(
@@ -1310,8 +1323,8 @@ class LatentDiffusionModel(
             adata, indices=distinct, batch_size=batch_size, return_scale=True
         )
         loc, scale = loc[inverse], scale[inverse]
+        rng = np.random.default_rng(seed)
         if n_draws:
-            rng = np.random.default_rng(seed)
             eps = rng.standard_normal((n_draws, *loc.shape)).astype(np.float32)
             latents = loc[None] + scale[None] * eps
         else:
@@ -1319,7 +1332,11 @@ class LatentDiffusionModel(
         device = self.module.device
         self.module.eval()
         values = np.zeros((len(latents), len(indices), len(columns)), dtype=np.float32)
-        with torch.inference_mode():
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.inference_mode(),
+        ):
+            torch.manual_seed(int(rng.integers(2**62)))
             for d, z in enumerate(latents):
                 for start in range(0, len(indices), batch_size):
                     sl = slice(start, start + batch_size)
@@ -1327,12 +1344,71 @@ class LatentDiffusionModel(
                         torch.as_tensor(z[sl], device=device),
                         {k: v[sl] for k, v in codes.items()},
                     )
+                    if counts:
+                        values[d, sl] = sample_counts(px).cpu().numpy()[:, columns]
+                        continue
                     proportions = px.scale.cpu().numpy()[:, columns]
                     if library_size == "latent":
                         values[d, sl] = proportions * np.exp(codes["log_library"][sl])[:, None]
                     else:
                         values[d, sl] = proportions * float(library_size)
         return values, adata, indices, pd.Index(genes[columns])
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        gene_list=None,
+        batch_size: int = 1024,
+        seed: int | None = None,
+    ):
+        """Draw counts from the model at each cell's posterior (scVI's check of fit).
+
+        For each cell and draw, a latent is drawn from the cell's posterior, decoded with the
+        cell's own covariates and observed library size, and counts are drawn from the
+        decoder's likelihood: data the model considers likely for that cell, to compare with
+        the observed counts (for example their means, variances or zero fractions per gene).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes; defaults to the training data. Not modified.
+        indices
+            Cells to use; ``None`` uses all (the draws are held densely in memory: pass
+            ``indices`` in chunks for large data).
+        n_samples
+            Draws per cell.
+        gene_list
+            Genes to return (names in the training genes); ``None`` returns all.
+        batch_size
+            Cells decoded at once.
+        seed
+            Seed of the latents and counts drawn.
+
+        Returns
+        -------
+        As scVI: a ``scipy.sparse.csr_matrix`` of cells x genes for one draw, else a
+        ``sparse.GCXS`` array of shape ``(cells, genes, n_samples)``.
+        """
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+        values, *_ = self._normalized_expression(
+            adata,
+            indices,
+            None,
+            gene_list,
+            1.0,
+            n_draws=int(n_samples),
+            batch_size=batch_size,
+            seed=seed,
+            counts=True,
+        )
+        if n_samples == 1:
+            return sparse.csr_matrix(values[0])
+        import sparse as pydata_sparse
+
+        return pydata_sparse.GCXS.from_numpy(np.moveaxis(values, 0, -1))
 
     def differential_expression(
         self,
