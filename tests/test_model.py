@@ -410,3 +410,25 @@ def test_differential_expression_by_indices_and_vanilla_mode(de_model):
     with pytest.raises(ValueError, match=r"\['nope'\] not found .* groups are"):
         de_model.differential_expression(groupby="cell_type", group1="type_0", group2="nope")
     pd.testing.assert_frame_equal(adata.obs, obs_before)
+
+
+def test_posterior_predictive_sample_matches_the_data_it_was_trained_on(de_model):
+    import sparse as pydata_sparse
+
+    adata = de_model.adata
+    one = de_model.posterior_predictive_sample(seed=0)
+    assert sparse.issparse(one) and one.shape == (adata.n_obs, adata.n_vars)
+    values = one.toarray()
+    assert np.all(values >= 0) and np.allclose(values, np.round(values))
+    # per-gene means of the draws follow the observed means (log scale)
+    observed = np.asarray(adata.layers["counts"].mean(0)).ravel()
+    drawn = values.mean(0)
+    assert np.corrcoef(np.log1p(observed), np.log1p(drawn))[0, 1] > 0.95
+    again = de_model.posterior_predictive_sample(seed=0)
+    assert (again != one).nnz == 0  # seeded
+    many = de_model.posterior_predictive_sample(
+        indices=[0, 3, 5], n_samples=3, gene_list=["gene_1", "gene_0"], seed=1
+    )
+    assert isinstance(many, pydata_sparse.GCXS) and many.shape == (3, 2, 3)
+    with pytest.raises(ValueError, match="n_samples"):
+        de_model.posterior_predictive_sample(n_samples=0)
