@@ -870,16 +870,16 @@ class LatentDiffusionModel(
             self.module.vae, lr=lr, n_epochs_kl_warmup=n_epochs_kl_warmup, **plan_kwargs
         )
         if early_stopping:
+            # a MuData model's validation ELBO is RNA's, which overfits long before the other
+            # modalities have converged: stop on theirs
+            monitor, default_patience = (
+                ("nll_secondary_validation", max(45, max_epochs // 4))
+                if self.is_multimodal
+                else ("elbo_validation", 45)
+            )
             trainer_kwargs.setdefault("early_stopping", True)
-            if self.is_multimodal:
-                # the validation ELBO is RNA's, which overfits long before the other
-                # modalities have converged: stop on theirs
-                trainer_kwargs.setdefault("early_stopping_monitor", "nll_secondary_validation")
-                patience = patience or max(45, max_epochs // 4)
-                trainer_kwargs.setdefault("early_stopping_patience", patience)
-            else:
-                trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-                trainer_kwargs.setdefault("early_stopping_patience", patience or 45)
+            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
+            trainer_kwargs.setdefault("early_stopping_patience", patience or default_patience)
         # A previous train() leaves the module in eval mode (scvi-tools' runner ends with
         # module.eval()); put the VAE back in train mode for this stage.
         self.module.vae.train()
@@ -1250,7 +1250,7 @@ class LatentDiffusionModel(
         """
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
-        values, adata, indices, names = self._normalized_expression(
+        values, adata, indices, names = self._decoded_draws(
             adata,
             indices,
             transform_batch,
@@ -1268,7 +1268,7 @@ class LatentDiffusionModel(
             return values
         return pd.DataFrame(values, index=adata.obs_names[indices].copy(), columns=names)
 
-    def _normalized_expression(
+    def _decoded_draws(
         self,
         adata,
         indices,
@@ -1287,7 +1287,8 @@ class LatentDiffusionModel(
         self._check_stage("vae", "compute normalised expression")
         if self.is_multimodal:
             raise ValueError(
-                "get_normalized_expression is for RNA-only models; for a MuData model use "
+                "get_normalized_expression, posterior_predictive_sample and "
+                "differential_expression are for RNA-only models; for a MuData model use "
                 "translate(...) or sample(...), which return every modality's decoded means."
             )
         if not (library_size == "latent" or (np.ndim(library_size) == 0 and library_size > 0)):
@@ -1393,7 +1394,7 @@ class LatentDiffusionModel(
         """
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
-        values, *_ = self._normalized_expression(
+        values, *_ = self._decoded_draws(
             adata,
             indices,
             None,
@@ -1504,7 +1505,7 @@ class LatentDiffusionModel(
             indices = np.asarray(indices)
             if n_samples_overall is not None:
                 indices = rng.choice(indices, int(n_samples_overall))
-            values, *_ = self._normalized_expression(
+            values, *_ = self._decoded_draws(
                 data,
                 indices,
                 transform_batch,

@@ -228,8 +228,6 @@ class ProgramMixin:
         stats["levels"] = activity_levels(activity, list(programs))
         labels_key = self.registry_["setup_args"].get("labels_key")
         if labels_key is not None:
-            from scvi import REGISTRY_KEYS
-
             codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
             names = self._field_state(REGISTRY_KEYS.LABELS_KEY)["categorical_mapping"]
             codes = codes.ravel().astype(int)
