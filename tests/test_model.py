@@ -432,3 +432,28 @@ def test_posterior_predictive_sample_matches_the_data_it_was_trained_on(de_model
     assert isinstance(many, pydata_sparse.GCXS) and many.shape == (3, 2, 3)
     with pytest.raises(ValueError, match="n_samples"):
         de_model.posterior_predictive_sample(n_samples=0)
+
+
+def test_elbo_reconstruction_error_and_marginal_likelihood_as_scvi(de_model):
+    adata = de_model.adata
+    elbo = de_model.get_elbo()
+    per_cell = de_model.get_elbo(return_mean=False)
+    # (one latent drawn per cell, as in scVI: two calls differ a little)
+    assert per_cell.shape == (adata.n_obs,) and per_cell.mean() == pytest.approx(elbo, rel=0.01)
+    rec = de_model.get_reconstruction_error()
+    assert list(rec) == ["reconstruction_loss"]
+    # ELBO = -(reconstruction error + KL), and the KL is non-negative
+    assert -elbo >= rec["reconstruction_loss"] > 0
+    # a lower bound of the importance-sampled marginal log-likelihood
+    assert de_model.get_marginal_ll(n_mc_samples=50) > elbo
+    # cells whose counts were scrambled across genes fit the model worse
+    scrambled = adata[:60].copy()
+    x = scrambled.layers["counts"].toarray()
+    rng = np.random.default_rng(0)
+    scrambled.layers["counts"] = sparse.csr_matrix(rng.permuted(x, axis=1))
+    assert de_model.get_elbo(scrambled) < de_model.get_elbo(indices=np.arange(60)) - 5
+    assert de_model.get_reconstruction_error(indices=[0, 1], return_mean=False)[
+        "reconstruction_loss"
+    ].shape == (2,)
+    with pytest.raises(ValueError, match="n_mc_samples must be at least 1"):
+        de_model.get_marginal_ll(n_mc_samples=0)

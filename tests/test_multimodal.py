@@ -846,3 +846,15 @@ def test_unmeasured_cells_stay_out_of_the_expert_batch_norm():
     full = _qz(a, mixed).loc[:32]
     alone = _qz(a, complete).loc
     torch.testing.assert_close(full, alone)
+
+
+def test_elbo_and_reconstruction_error_of_a_mudata_model(mm):
+    mm = mm["model"]
+    rec = mm.get_reconstruction_error()
+    assert set(rec) == {"reconstruction_loss_rna", "reconstruction_loss_protein"}
+    assert all(v > 0 for v in rec.values())
+    elbo = mm.get_elbo()
+    assert -elbo >= sum(rec.values())  # plus a non-negative KL
+    assert mm.get_elbo(return_mean=False).shape == (mm.adata.n_obs,)
+    with pytest.raises(ValueError, match="RNA-only models; use get_elbo"):
+        mm.get_marginal_ll()

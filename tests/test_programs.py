@@ -10,7 +10,12 @@ import torch
 from scipy import sparse
 
 import latentcell as lc
-from latentcell.model._programs import check_programs, program_activity, program_gene_stats
+from latentcell.model._programs import (
+    check_programs,
+    expected_activity,
+    program_activity,
+    program_gene_stats,
+)
 from latentcell.nn import ConditionEmbedding, CrossAttention, DiTDenoiser, MLPDenoiser
 
 from .conftest import FAST_MODEL
@@ -132,6 +137,80 @@ def test_training_scores_recover_the_planted_activity(program_model):
     assert levels["low"] < 0 < levels["high"]
 
 
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_expected_activity_is_the_mean_score_under_the_likelihood(likelihood):
+    from scipy import stats as st
+    from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+
+    mu = torch.tensor([[0.3, 2.0, 6.0, 40.0], [1.0, 0.05, 12.0, 3.0]])
+    theta = torch.tensor([[2.0, 0.5, 5.0, 1.0]]).expand_as(mu)
+    zi_logits = torch.full_like(mu, -1.0)
+    library = torch.tensor([1500.0, 4000.0])
+    stats = {"mean": [0.5, 1.0, 2.0], "sd": [1.0, 0.5, 2.0]}
+    columns = torch.tensor([0, 2, 3])  # gene 1 is not in a program
+    members = [torch.tensor([0, 1]), torch.tensor([2])]
+    if likelihood == "nb":
+        px = NegativeBinomial(mu=mu, theta=theta)
+    elif likelihood == "zinb":
+        px = ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits)
+    else:
+        px = torch.distributions.Poisson(mu)
+    # exact: sum the score's per-gene expectation over the count distribution
+    k = np.arange(2000)
+    gene_means = np.zeros((2, 3))
+    for i in range(2):
+        for j, col in enumerate(columns.tolist()):
+            m, t = float(mu[i, col]), float(theta[i, col])
+            pmf = (
+                st.poisson.pmf(k, m)
+                if likelihood == "poisson"
+                else st.nbinom.pmf(k, t, t / (t + m))
+            )
+            if likelihood == "zinb":
+                pi = 1 / (1 + np.exp(1.0))
+                pmf = (1 - pi) * pmf + pi * (k == 0)
+            value = (np.log1p(k / float(library[i]) * 1e4) - stats["mean"][j]) / stats["sd"][j]
+            gene_means[i, j] = (pmf * value).sum()
+    exact = np.stack([gene_means[:, :2].mean(1), gene_means[:, 2]], axis=1)
+    got = expected_activity(px, columns, library, stats, members).numpy()
+    np.testing.assert_allclose(got, exact, atol=1e-4)
+
+
+def test_expected_scores_are_the_noise_free_activity_the_flow_reads(program_model):
+    observed = program_model.get_program_scores()
+    expected = program_model.get_program_scores(expected=True)
+    assert list(expected.columns) == ["up", "other"]
+    assert expected.index.equals(observed.index)
+    # repeatable (no random draws), and the flow's training condition
+    pd.testing.assert_frame_equal(program_model.get_program_scores(expected=True), expected)
+    codes = program_model._registered_codes(program_model.adata)["programs"]
+    np.testing.assert_allclose(codes, expected.to_numpy(), rtol=1e-6)
+    # a function of the latent: it tracks the planted activity, and varies less than the
+    # observed score, which adds the count noise (measured sd 0.53 vs 0.80)
+    truth = program_model.adata.obs["true_activity"]
+    assert np.corrcoef(expected["up"], truth)[0, 1] > 0.8
+    assert expected["up"].std() < 0.85 * observed["up"].std()
+    # query cells are scored the same way as the training cells
+    query = program_model.adata[:40].copy()
+    pd.testing.assert_frame_equal(
+        program_model.get_program_scores(query, expected=True), expected.iloc[:40], atol=1e-5
+    )
+    with pytest.raises(ValueError, match="layer= applies to the observed score"):
+        program_model.get_program_scores(expected=True, layer="counts")
+
+
+def test_models_saved_with_observed_conditioning_keep_it(program_model):
+    stats = program_model.program_stats_
+    legacy = {k: v for k, v in stats.items() if k != "conditioning"}
+    program_model.program_stats_ = legacy
+    try:
+        codes = program_model._registered_codes(program_model.adata)["programs"]
+        observed = program_model.get_program_scores().to_numpy()
+        np.testing.assert_allclose(codes, observed, rtol=1e-6)
+    finally:
+        program_model.program_stats_ = stats
+
+
 # ---------------------------------------------------------------- networks
 def test_program_tokens_mask_unspecified_and_dropped_programs():
     emb = ConditionEmbedding([3], 1, 16, n_programs=2)
@@ -203,7 +282,8 @@ def test_sampling_moves_the_requested_program_and_not_the_other(program_model):
 
 def test_high_and_low_are_percentiles_within_the_requested_label(program_model):
     stats = program_model.program_stats_
-    real = program_model.get_program_scores()
+    # of the expected activity, which the flow reads
+    real = program_model.get_program_scores(expected=True)
     labels = program_model.adata.obs["cell_type"].astype(str).to_numpy()
     for label in np.unique(labels):
         own = real["up"].to_numpy()[labels == label]

@@ -552,8 +552,12 @@ class LatentDiffusionModel(
             "n_cont_covs": len(covariates),
         }
 
-    def _registered_codes(self, adata: AnnData) -> dict[str, np.ndarray]:
-        """Integer codes and values of the registered covariates of every cell."""
+    def _registered_codes(self, adata: AnnData, programs: bool = True) -> dict[str, np.ndarray]:
+        """Integer codes and values of the registered covariates of every cell.
+
+        ``programs=False`` leaves out the gene-program activities (which take an encoder
+        pass once the VAE is trained) for callers that only decode.
+        """
         manager = self.get_anndata_manager(adata, required=True)
         n = adata.n_obs
 
@@ -566,16 +570,18 @@ class LatentDiffusionModel(
 
         counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         library = row_sums(counts, n)
-        return {
+        codes = {
             "labels": get(REGISTRY_KEYS.LABELS_KEY, np.int64)[:, 0],
             "batch": get(REGISTRY_KEYS.BATCH_KEY, np.int64)[:, 0],
             "cat_covs": get(_CAT_COVS, np.int64),
             "cont_covs": get(_CONT_COVS, np.float32),
             "cont_conds": get(CONT_CONDITIONS_FIELD, np.float32),
             "spatial": get(SPATIAL_FIELD, np.float32),
-            "programs": self._program_codes(counts, n),
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
+        if programs:
+            codes["programs"] = self._program_codes(adata, counts, codes)
+        return codes
 
     def _flow_codes(self, codes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Stack the per-cell codes into the flow's (categorical, continuous) condition arrays."""
@@ -899,6 +905,7 @@ class LatentDiffusionModel(
                 )
         self.trained_stages_ = []
         self.stage_history_ = {}
+        self.program_stats_ = {}  # program levels belong to a VAE: recomputed for the new one
         if load_in_memory is None:
             load_in_memory = not getattr(self.adata, "isbacked", False)
         data = splitter
@@ -945,6 +952,8 @@ class LatentDiffusionModel(
             p.requires_grad_(False)
         z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
         codes = self._registered_codes(adata)
+        if "programs" in codes and codes["programs"].shape[1]:
+            self._set_program_levels(codes["programs"])  # "high" / "low" of this VAE's cells
         cat, cont = self._flow_codes(codes)
         flow = self.module.flow
         device = flow.latent_mean.device
@@ -1195,6 +1204,132 @@ class LatentDiffusionModel(
             adata.obsm[key_added] = latent
         return latent
 
+    @torch.inference_mode()
+    def _vae_loader(self, adata, indices, batch_size, action: str):
+        """Put the VAE in eval mode and return a data loader over the cells (scvi-tools')."""
+        self._check_stage("vae", action)
+        adata = self._validate_anndata(adata)
+        self.module.vae.eval()
+        return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Evidence lower bound of the cells under the VAE (higher is better), as scVI's.
+
+        The expected log-likelihood of each cell's counts at its posterior latents minus the
+        KL divergence of its posterior from the prior (scvi-tools' ``compute_elbo``, with
+        scVI's sign). A lower bound on the marginal log-likelihood: compare models on the same
+        cells, e.g. held-out ones, to spot overfitting.
+
+        Parameters
+        ----------
+        adata
+            AnnData (or MuData, for a MuData model) with the training genes; defaults to the
+            training data. Not modified.
+        indices
+            Cells to use; ``None`` uses all.
+        batch_size
+            Cells per minibatch (``None``: scvi-tools' default).
+        return_mean
+            Return the mean over cells; ``False`` returns one value per cell.
+
+        Returns
+        -------
+        The mean ELBO (a float) or an array with one value per cell.
+        """
+        from scvi.model.base._log_likelihood import compute_elbo
+
+        loader = self._vae_loader(adata, indices, batch_size, "compute the ELBO")
+        values = -compute_elbo(self.module.vae, loader, return_mean=return_mean)
+        return float(values) if return_mean else values.cpu().numpy()
+
+    @torch.inference_mode()
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> dict[str, float | np.ndarray]:
+        """Negative log-likelihood of the cells' counts at their posterior latents, as scVI's.
+
+        scvi-tools' ``compute_reconstruction_error`` on the VAE (lower is better). A MuData
+        model reports one entry per modality (``"reconstruction_loss_<modality>"``).
+
+        Parameters
+        ----------
+        adata
+            AnnData (or MuData) with the training genes; defaults to the training data.
+        indices
+            Cells to use; ``None`` uses all.
+        batch_size
+            Cells per minibatch (``None``: scvi-tools' default).
+        return_mean
+            Return means over cells; ``False`` returns one value per cell.
+
+        Returns
+        -------
+        ``{"reconstruction_loss": value}`` (one key per modality for a MuData model), each a
+        float or an array with one value per cell.
+        """
+        from scvi.model.base._log_likelihood import compute_reconstruction_error
+
+        loader = self._vae_loader(adata, indices, batch_size, "compute the reconstruction error")
+        out = compute_reconstruction_error(self.module.vae, loader, return_mean=return_mean)
+        return {k: float(v) if return_mean else v.cpu().numpy() for k, v in out.items()}
+
+    @torch.inference_mode()
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Marginal log-likelihood of the cells under the VAE by importance sampling (scVI's).
+
+        scvi-tools' ``VAE.marginal_ll``: ``n_mc_samples`` latents drawn from each cell's
+        posterior, weighted by prior x likelihood / posterior (higher is better). RNA-only
+        models.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes; defaults to the training data.
+        indices
+            Cells to use; ``None`` uses all.
+        n_mc_samples
+            Importance samples per cell (more: tighter, slower).
+        batch_size
+            Cells per minibatch (``None``: scvi-tools' default).
+        return_mean
+            Return the mean over cells; ``False`` returns one value per cell.
+
+        Returns
+        -------
+        The mean marginal log-likelihood (a float) or an array with one value per cell.
+        """
+        if self.is_multimodal:
+            raise ValueError(
+                "get_marginal_ll is for RNA-only models; use get_elbo for a MuData model."
+            )
+        if int(n_mc_samples) < 1:
+            raise ValueError(f"n_mc_samples must be at least 1, got {n_mc_samples}.")
+        loader = self._vae_loader(adata, indices, batch_size, "compute the marginal likelihood")
+        values = [
+            self.module.vae.marginal_ll(tensors, n_mc_samples=int(n_mc_samples), return_mean=False)
+            for tensors in loader
+        ]
+        values = torch.cat([torch.as_tensor(v).reshape(-1) for v in values]).cpu().numpy()
+        return float(values.mean()) if return_mean else values
+
     def get_normalized_expression(
         self,
         adata: AnnData | None = None,
@@ -1308,7 +1443,10 @@ class LatentDiffusionModel(
             columns = np.array([position[g] for g in gene_list], dtype=np.int64)
         adata = self._validate_anndata(adata)
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
+        codes = {
+            k: np.asarray(v)[indices]
+            for k, v in self._registered_codes(adata, programs=False).items()
+        }
         if transform_batch is not None:
             _, attr = self._batch_attribute(None)  # the registered batch_key
             batches = [str(b) for b in attr["categories"]]
@@ -1679,10 +1817,12 @@ class LatentDiffusionModel(
             given the neighbourhood of training cells there, and its library size and
             covariates come from one of those neighbours. Models with ``gene_programs`` take
             ``{"programs": {"interferon": "high", "mhc_ii": -0.5}}`` in a dict: ``"high"`` /
-            ``"low"`` (the 90th / 10th percentile of the activity among training cells of
-            the requested ``labels_key`` value, or among all training cells when no label
-            is requested or it had fewer than 20 training cells), a number (an
-            activity, see :meth:`get_program_scores`) or one per cell; programs not named
+            ``"low"`` (the 90th / 10th percentile of the expected activity among training
+            cells of the requested ``labels_key`` value, or among all training cells when no
+            label is requested or it had fewer than 20 training cells), a number (an
+            expected activity, ``get_program_scores(expected=True)``, in the units of the
+            observed score, which generated cells then average) or one per cell; programs
+            not named
             are left to the flow, and the requested levels are written to
             ``obs['<program>_program']``.
         n_steps
@@ -1751,7 +1891,7 @@ class LatentDiffusionModel(
                 program_request,
                 len(frame),
                 state["names"],
-                state["stats"]["levels"],
+                self._program_levels()["levels"],
                 labels=frame[labels_key].tolist() if labels_key in frame else None,
                 levels_by_label=state["stats"].get("levels_by_label"),
             )
