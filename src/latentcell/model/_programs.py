@@ -15,9 +15,9 @@ whose observed scores fall well short of it). So the flow is conditioned on each
 *expected* activity instead: the expectation of the same score under the VAE's likelihood at
 the cell's posterior-mean latent, with its own library and covariates (summed over each
 gene's count distribution, no random draws; ``get_program_scores(expected=True)``). It is in
-the same units
-as the observed score, and generated cells asked for a level have observed scores that average
-to that level. ``"high"`` / ``"low"`` are percentiles of the expected activity.
+the same units as the observed score, and generated cells asked for a level have observed
+scores that average to that level. ``"high"`` / ``"low"`` are percentiles of the expected
+activity.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ class ProgramMixin:
 
         x = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         stats = program_gene_stats(x, self.adata.n_obs, programs, self.var_names_)
-        # what the flow is conditioned on; models saved before 0.x lack the key and were
+        # what the flow is conditioned on; models saved before this key existed were
         # conditioned on the observed score, which they keep using
         stats["conditioning"] = "expected"
         return stats
@@ -333,7 +333,8 @@ class ProgramMixin:
         """Store ``"high"`` / ``"low"`` (overall and per label) of the training activity."""
         from scvi import REGISTRY_KEYS
 
-        stats, names = self._program_state()["stats"], self._program_state()["names"]
+        state = self._program_state()
+        stats, names = state["stats"], state["names"]
         stats["levels"] = activity_levels(activity, names)
         stats.pop("levels_by_label", None)
         if self.registry_["setup_args"].get("labels_key") is not None:
