@@ -1204,7 +1204,6 @@ class LatentDiffusionModel(
             adata.obsm[key_added] = latent
         return latent
 
-    @torch.inference_mode()
     def _vae_loader(self, adata, indices, batch_size, action: str):
         """Put the VAE in eval mode and return a data loader over the cells (scvi-tools')."""
         self._check_stage("vae", action)
