@@ -552,11 +552,14 @@ class LatentDiffusionModel(
             "n_cont_covs": len(covariates),
         }
 
-    def _registered_codes(self, adata: AnnData, programs: bool = True) -> dict[str, np.ndarray]:
+    def _registered_codes(
+        self, adata: AnnData, programs: bool = True, latents: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Integer codes and values of the registered covariates of every cell.
 
         ``programs=False`` leaves out the gene-program activities (which take an encoder
-        pass once the VAE is trained) for callers that only decode.
+        pass once the VAE is trained) for callers that only decode; callers that hold every
+        cell's posterior-mean ``latents`` pass them to spare that pass.
         """
         manager = self.get_anndata_manager(adata, required=True)
         n = adata.n_obs
@@ -580,7 +583,7 @@ class LatentDiffusionModel(
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
         if programs:
-            codes["programs"] = self._program_codes(adata, counts, codes)
+            codes["programs"] = self._program_codes(adata, counts, codes, latents)
         return codes
 
     def _flow_codes(self, codes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -950,8 +953,8 @@ class LatentDiffusionModel(
         self.module.vae.eval()
         for p in self.module.vae.parameters():
             p.requires_grad_(False)
-        z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
-        codes = self._registered_codes(adata)
+        z = self._latent_means(adata, batch_size=1024)
+        codes = self._registered_codes(adata, latents=z)
         if "programs" in codes and codes["programs"].shape[1]:
             self._set_program_levels(codes["programs"])  # "high" / "low" of this VAE's cells
         cat, cont = self._flow_codes(codes)
@@ -961,7 +964,7 @@ class LatentDiffusionModel(
         batch_size = opts.batch_size or (1024 if adata.n_obs >= _LARGE else 128)
         train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
         z, cat, cont, train_idx, val_idx = self._spatial_flow_rows(
-            z.numpy(), cat, cont, codes, train_idx, val_idx
+            z, cat, cont, codes, train_idx, val_idx
         )
         z = torch.as_tensor(z)
         flow.set_scaling(z.to(device), torch.as_tensor(cont).to(device))

@@ -355,23 +355,30 @@ class ProgramMixin:
             self._set_program_levels(self._registered_codes(self.adata)["programs"])
         return stats
 
-    def _program_codes(self, adata: AnnData, x, codes: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _program_codes(
+        self, adata: AnnData, x, codes: Mapping[str, np.ndarray], latents=None
+    ) -> np.ndarray:
         """Return the program activity the flow is conditioned on, for every cell of ``adata``.
 
         The expected activity once the VAE is trained (observed before that, and for models
         saved when the flow read the observed score). ``codes`` are the cells' registered
-        covariates and log library sizes.
+        covariates and log library sizes; ``latents`` their posterior means, if the caller
+        has them (otherwise they are encoded).
         """
         state = self._program_state()
         if state is None:
             return np.zeros((adata.n_obs, 0), dtype=np.float32)
         if self._conditions_on_expected_activity() and "vae" in self.trained_stages_:
-            return self._expected_program_scores(adata, codes)
+            return self._expected_program_scores(adata, codes, latents)
         return program_activity(x, adata.n_obs, state["programs"], state["stats"], self.var_names_)
 
     @torch.inference_mode()
     def _expected_program_scores(
-        self, adata: AnnData, codes: Mapping[str, np.ndarray], batch_size: int = 256
+        self,
+        adata: AnnData,
+        codes: Mapping[str, np.ndarray],
+        latents: np.ndarray | None = None,
+        batch_size: int = 256,
     ) -> np.ndarray:
         """Return the expected activity ``(cells, programs)`` (see the module docstring)."""
         state = self._program_state()
@@ -380,7 +387,7 @@ class ProgramMixin:
         columns = torch.as_tensor([position[g] for g in stats["genes"]])
         within = {g: i for i, g in enumerate(stats["genes"])}
         members = [torch.as_tensor([within[g] for g in gs]) for gs in state["programs"].values()]
-        z = self._latent_means(adata, batch_size=1024)
+        z = self._latent_means(adata, batch_size=1024) if latents is None else latents
         device = self.module.device
         out = []
         for start in range(0, adata.n_obs, batch_size):
