@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import latentcell as lc
 
@@ -24,3 +25,25 @@ def test_synthetic_is_seeded():
     assert (a.X != b.X).nnz == 0
     assert set(a.obs["cell_type"].cat.categories) == {"type_0", "type_1", "type_2"}
     assert a.X.sum(1).min() > 0
+
+
+def test_synthetic_perturbations_through_shared_programs():
+    singles = tuple(f"P{i}" for i in range(8))
+    adata = lc.datasets.synthetic_perturbation(
+        n_cells=400, n_genes=50, perturbations=singles, n_programs=4, seed=0
+    )
+    truth = adata.uns["ground_truth"]
+    weights, lfc = truth["program_weights"], truth["log_fold_changes"]
+    assert weights.shape == (8, 4)
+    assert ((weights != 0).sum(1) == 2).all()
+    assert set(np.abs(weights[weights != 0])) <= {0.5, 1.0}
+    # every effect lies in the span of the four programs' gene vectors
+    programs = np.linalg.lstsq(weights, lfc, rcond=None)[0]
+    np.testing.assert_allclose(weights @ programs, lfc, atol=1e-8)
+    assert np.linalg.matrix_rank(lfc) <= 4
+    # without programs each single has its own tenth of the genes, and nothing else
+    plain = lc.datasets.synthetic_perturbation(n_cells=200, n_genes=50, seed=0)
+    assert "program_weights" not in plain.uns["ground_truth"]
+    assert ((plain.uns["ground_truth"]["log_fold_changes"] != 0).sum(1) == 5).all()
+    with pytest.raises(ValueError, match="n_programs must be at least 2"):
+        lc.datasets.synthetic_perturbation(n_cells=50, n_programs=1)

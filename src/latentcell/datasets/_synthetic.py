@@ -83,6 +83,7 @@ def synthetic_perturbation(
     perturbations: tuple[str, ...] = ("A", "B", "A+B"),
     effect: float = 1.5,
     dispersion: float = 5.0,
+    n_programs: int | None = None,
     seed: int = 0,
 ) -> AnnData:
     """Simulate control and perturbed cells with known, cell-type-dependent responses.
@@ -90,8 +91,14 @@ def synthetic_perturbation(
     Every single perturbation (the components of the names in ``perturbations``, split on
     ``"+"``) raises or lowers its own random tenth of the genes by ``effect`` on the log
     scale, scaled by a cell-type factor (1, 1.5, 2, ...), so the response depends on the
-    context. A combination's log-fold change is the sum of its components' (additive
-    ground truth). Controls make up a share of cells equal to each perturbation's.
+    context. With ``n_programs``, singles act through shared gene programs instead: each
+    program raises or lowers its own random tenth of the genes by ``effect``, and each
+    single's log-fold change is a signed combination of two programs (weights +-1 or +-0.5),
+    so perturbations that share programs share effects, and the weights
+    (``uns['ground_truth']['program_weights']``) are what an informative perturbation
+    embedding knows. A combination's log-fold change is the sum of its components'
+    (additive ground truth). Controls make up a share of cells equal to each
+    perturbation's.
 
     Parameters
     ----------
@@ -105,6 +112,9 @@ def synthetic_perturbation(
         Size of each single perturbation's log-fold change.
     dispersion
         Inverse dispersion (theta) of the negative binomial.
+    n_programs
+        Number of shared gene programs behind the singles' effects (``None``: every single
+        has its own genes).
     seed
         Seed of all draws.
 
@@ -113,16 +123,28 @@ def synthetic_perturbation(
     AnnData with counts in ``.X`` and ``layers['counts']``, ``obs`` with ``cell_type``,
     ``condition`` (``"ctrl"`` or a perturbation) and ``batch``, the true means in
     ``layers['true_mean']``, and in ``uns['ground_truth']`` the log-fold change of every
-    single perturbation (``singles x genes``), the cell-type scales and the base profiles.
+    single perturbation (``singles x genes``), the cell-type scales and the base profiles
+    (and, with ``n_programs``, the singles' program weights, ``singles x programs``).
     """
     rng = np.random.default_rng(seed)
     profiles = _cell_type_profiles(rng, n_genes, n_cell_types)
     singles = sorted({c for p in perturbations for c in p.split("+") if c})
-    lfc = np.zeros((len(singles), n_genes))
     n_hit = max(1, n_genes // 10)
-    for i in range(len(singles)):
+    n_sets = len(singles) if n_programs is None else int(n_programs)
+    if n_sets < (1 if n_programs is None else 2):
+        raise ValueError(f"n_programs must be at least 2, got {n_programs}.")
+    gene_sets = np.zeros((n_sets, n_genes))
+    for i in range(n_sets):
         genes = rng.choice(n_genes, size=n_hit, replace=False)
-        lfc[i, genes] = effect * rng.choice([-1.0, 1.0], size=n_hit)
+        gene_sets[i, genes] = effect * rng.choice([-1.0, 1.0], size=n_hit)
+    if n_programs is None:
+        weights, lfc = None, gene_sets
+    else:
+        weights = np.zeros((len(singles), n_sets))
+        for i in range(len(singles)):
+            chosen = rng.choice(n_sets, size=2, replace=False)
+            weights[i, chosen] = rng.choice([-1.0, -0.5, 0.5, 1.0], size=2)
+        lfc = weights @ gene_sets
     type_scale = 1.0 + 0.5 * np.arange(n_cell_types)
     labels = np.array(["ctrl", *perturbations], dtype=object)
     condition = labels[rng.integers(0, len(labels), size=n_cells)]
@@ -156,6 +178,8 @@ def synthetic_perturbation(
         "cell_type_scale": type_scale,
         "profiles": profiles,
     }
+    if weights is not None:
+        adata.uns["ground_truth"]["program_weights"] = weights
     return adata
 
 
