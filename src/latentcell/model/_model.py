@@ -189,7 +189,9 @@ class LatentDiffusionModel(
         number of steps.
     perturbation_residual
         Parameterise the perturbation flow as a learned correction to a linear latent shift
-        (see :class:`latentcell.module.PerturbationFlow`).
+        (see :class:`latentcell.module.PerturbationFlow`). Recommended for unseen
+        combinations and, with ``perturbation_embeddings``, unseen perturbations, where the
+        linear part extends beyond the training perturbations (README, synthetic benchmark).
     protein_likelihood
         MuData models: likelihood of protein counts, ``"nb"`` (negative binomial) or
         ``"nb_mixture"`` (background/foreground mixture, as in totalVI); see the CITE-seq
