@@ -131,27 +131,26 @@ def _predictions(model, adata, train, held, seed) -> dict:
     }
 
 
-def _evaluate(predictions, adata, train, held, baselines: dict, seed, residual=None) -> dict:
-    """Score latentcell and the baselines on each held-out perturbation, per cell type.
+def _evaluate(model, adata, train, held, baselines: dict, seed, accelerator) -> dict:
+    """Score the baselines and latentcell's plain and residual flows per perturbation and type.
 
-    ``predictions`` and ``residual`` (the residual flow's): ``{(perturbation, cell type):
-    AnnData}`` from :func:`_predictions`.
+    ``model`` holds the plain flow; its perturbation flow is then retrained as a residual one
+    on the same VAE (:func:`_with_residual_flow`).
     """
+    plain = _predictions(model, adata, train, held, seed)
+    residual = _predictions(_with_residual_flow(model, accelerator), adata, train, held, seed)
     out = {}
-    for pert in held:
-        for ct in sorted(adata.obs["cell_type"].unique()):
-            truth = adata[(adata.obs["condition"] == pert) & (adata.obs["cell_type"] == ct)]
-            control = train[_controls(train, ct)].copy()
-            pred = predictions[pert, ct]
-            row = {"control as prediction": _score(control, truth.copy(), control, seed)}
-            for name, fn in baselines.items():
-                row[name] = _score(fn(pert, ct, control), truth.copy(), control, seed)
-            row["latentcell, plain flow"] = _score(pred, truth.copy(), control, seed)
-            if residual is not None:
-                row["latentcell, residual flow (default)"] = _score(
-                    residual[pert, ct], truth.copy(), control, seed
-                )
-            out[f"{pert} | {ct}"] = row
+    for pert, ct in plain:
+        truth = adata[(adata.obs["condition"] == pert) & (adata.obs["cell_type"] == ct)].copy()
+        control = train[_controls(train, ct)].copy()
+        row = {"control as prediction": _score(control, truth, control, seed)}
+        for name, fn in baselines.items():
+            row[name] = _score(fn(pert, ct, control), truth, control, seed)
+        row["latentcell, plain flow"] = _score(plain[pert, ct], truth, control, seed)
+        row["latentcell, residual flow (default)"] = _score(
+            residual[pert, ct], truth, control, seed
+        )
+        out[f"{pert} | {ct}"] = row
     return out
 
 
@@ -183,18 +182,14 @@ def main(argv=None) -> dict:
         shift = sum(_mean_shift(train, p, ct) for p in pert.split("+"))
         return _shifted(control, shift)
 
-    plain = _predictions(model, adata, train, HELD_PAIRS, args.seed)
-    residual = _predictions(
-        _with_residual_flow(model, accelerator), adata, train, HELD_PAIRS, args.seed
-    )
     results["unseen_combinations"] = _evaluate(
-        plain,
+        model,
         adata,
         train,
         HELD_PAIRS,
         {"additive (sum of single shifts)": additive},
         args.seed,
-        residual,
+        accelerator,
     )
 
     # ---- unseen single perturbations, through embeddings of shared programs
@@ -227,18 +222,14 @@ def main(argv=None) -> dict:
         coef = np.linalg.solve(gram, seen_emb.T @ shifts)  # embedding -> shift
         return _shifted(control, embeddings.loc[pert].to_numpy() @ coef)
 
-    plain_e = _predictions(model_e, adata_e, train_e, UNSEEN_SINGLES, args.seed)
-    residual_e = _predictions(
-        _with_residual_flow(model_e, accelerator), adata_e, train_e, UNSEEN_SINGLES, args.seed
-    )
     results["unseen_perturbation"] = _evaluate(
-        plain_e,
+        model_e,
         adata_e,
         train_e,
         UNSEEN_SINGLES,
         {"nearest embedding": nearest_embedding, "linear map from embedding": linear_map},
         args.seed,
-        residual_e,
+        accelerator,
     )
 
     table = markdown(results)
