@@ -32,10 +32,15 @@ Rows, all from this run and on the same split:
   values are shown, none is picked on the held-out cell type;
 - latentcell, residual flow (default): the same VAE, the perturbation flow retrained with
   ``perturbation_residual=True`` (velocity = linear latent shift + learned correction), the
-  default;
+  default, and the same with guidance 1.25 and 1.5;
 - latentcell regeneration (flow / decoder): a second model with the condition registered as
   the batch; ``correct_batch`` moves each control cell to the perturbed condition, through
-  the latent flow (inverted and regenerated) or through the decoder only.
+  the latent flow (inverted and regenerated) or through the decoder only;
+- VAE ceiling (perturbation model / regeneration model): not a prediction, a bound. The
+  removed perturbed cells themselves, encoded and decoded by the VAE that was trained without
+  them (``posterior_predictive_sample``: a latent drawn from each cell's posterior, decoded
+  with its own library size and covariates). Every latentcell row decodes through that VAE,
+  so it shows how much of the held-out state the decoder can express at all.
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
 [--device cpu|cuda]`` (data from ``../shared/data`` or ``$LATENTCELL_DATA``). Writes
@@ -45,6 +50,7 @@ Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--see
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -66,9 +72,15 @@ ROWS = (
     "latentcell, plain flow, cfg 1.25",
     "latentcell, plain flow, cfg 1.5",
     "latentcell, residual flow (default)",
+    "latentcell, residual flow, cfg 1.25",
+    "latentcell, residual flow, cfg 1.5",
     "latentcell regeneration (flow)",
     "latentcell regeneration (decoder)",
+    "VAE ceiling: true cells through the perturbation model's VAE",
+    "VAE ceiling: true cells through the regeneration model's VAE",
 )
+#: Rows that bound the predictions rather than being predictions.
+CEILING_ROWS = ROWS[-2:]
 SCORES = ("r2_pearson_all", "r2_pearson_top100", "delta_pearson_all", "energy")
 #: Figures quoted in issue #4 for the Kang protocol (top-100-DE R^2 per cell type, sorted by
 #: name). Not measured here: shown for reference only.
@@ -122,7 +134,16 @@ def mean_shift_prediction(train: ad.AnnData, control: ad.AnnData, cell_type: str
     return ad.AnnData(X=pred.astype(np.float32), obs=control.obs.copy(), var=control.var.copy())
 
 
-def regeneration_predictions(train, src, seed, accelerator, quick=False) -> dict:
+def reconstruction(model, truth: ad.AnnData, seed: int) -> ad.AnnData:
+    """The true cells encoded and decoded by ``model``'s VAE (counts drawn from its likelihood)."""
+    truth = truth.copy()
+    counts = model.posterior_predictive_sample(truth, seed=seed)
+    return ad.AnnData(X=counts, obs=truth.obs.copy(), var=truth.var.copy())
+
+
+def regeneration_predictions(
+    train, src, truth, seed, accelerator, quick=False, model_kwargs=None
+) -> dict:
     """Counterfactuals by regeneration: the condition registered as the batch.
 
     A second model, set up with the condition as ``batch_key`` (donor as a categorical
@@ -130,7 +151,8 @@ def regeneration_predictions(train, src, seed, accelerator, quick=False) -> dict
     moved to the perturbed condition by :meth:`~latentcell.LatentDiffusionModel.correct_batch`
     (``strategy="flow"``: the latent flow inverted to noise under the cell's own type and
     condition, regenerated under the perturbed one, decoded with the perturbed condition) and,
-    as its decoder-only baseline, ``strategy="decoder"`` (scVI-style ``transform_batch``).
+    as its decoder-only baseline, ``strategy="decoder"`` (scVI-style ``transform_batch``),
+    and the true perturbed cells through this model's VAE (its ceiling).
     """
     import scvi
 
@@ -141,18 +163,20 @@ def regeneration_predictions(train, src, seed, accelerator, quick=False) -> dict
     lc.LatentDiffusionModel.setup_anndata(
         regen, labels_key=CELL_TYPE, batch_key=CONDITION, categorical_covariate_keys=[BATCH]
     )
-    model = lc.LatentDiffusionModel(regen)
+    model = lc.LatentDiffusionModel(regen, **(model_kwargs or {}))
     epochs = dict(max_epochs=2, flow_max_epochs=2) if quick else {}
     model.train(accelerator=accelerator, devices=1, enable_progress_bar=False, **epochs)
-    return {
+    out = {
         f"latentcell regeneration ({strategy})": model.correct_batch(
             indices=src, target_batch="pert", strategy=strategy, seed=seed, progress_bar=False
         )
         for strategy in ("flow", "decoder")
     }
+    out[CEILING_ROWS[1]] = reconstruction(model, truth, seed)
+    return out
 
 
-def run_cell_type(adata, cell_type, seed, accelerator, quick=False) -> dict:
+def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs=None) -> dict:
     import scvi
 
     import latentcell as lc
@@ -174,7 +198,7 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False) -> dict:
         perturbation_key=CONDITION,
         control_value="ctrl",
     )
-    model = lc.LatentDiffusionModel(train, perturbation_residual=False)
+    model = lc.LatentDiffusionModel(train, perturbation_residual=False, **(model_kwargs or {}))
     common = dict(accelerator=accelerator, enable_progress_bar=False, devices=1)
     epochs = dict(max_epochs=2, perturbation_max_epochs=2) if quick else {}
     t0 = time.time()
@@ -218,7 +242,14 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False) -> dict:
         "latentcell, residual flow (default)": model.predict_perturbation(
             indices=src, perturbation="pert", seed=seed, progress_bar=False
         ),
-        **regeneration_predictions(train, src, seed, accelerator, quick),
+        **{
+            f"latentcell, residual flow, cfg {w}": model.predict_perturbation(
+                indices=src, perturbation="pert", seed=seed, cfg_scale=w, progress_bar=False
+            )
+            for w in (1.25, 1.5)
+        },
+        **regeneration_predictions(train, src, truth, seed, accelerator, quick, model_kwargs),
+        CEILING_ROWS[0]: reconstruction(model, truth, seed),
     }
     out = {}
     for name, pred in preds.items():
@@ -266,6 +297,13 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--quick", action="store_true", help="2 epochs per stage (smoke test)")
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON keyword arguments of both models, e.g. '{\"n_latent\": 32}'",
+    )
+    parser.add_argument("--cell-types", nargs="+", default=None, help="a subset to hold out")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     accelerator = resolve_accelerator(parser, args)
@@ -277,16 +315,22 @@ def main(argv=None):
     adata = load_dataset(args.dataset)
     both = adata.obs.groupby(CELL_TYPE, observed=True)[CONDITION].nunique()
     cell_types = sorted(both.index[both == 2])
+    if args.cell_types:
+        unknown = sorted(set(args.cell_types) - set(cell_types))
+        if unknown:
+            parser.error(f"--cell-types {unknown} not among {cell_types}")
+        cell_types = [ct for ct in cell_types if ct in args.cell_types]
     results = {
         "protocol": __doc__,
         "dataset": args.dataset,
         "seeds": args.seeds,
+        "model_kwargs": args.model_kwargs,
         "per_cell_type": {},
     }
     for seed in args.seeds:
         per = {}
         for ct in cell_types:
-            per[ct] = run_cell_type(adata, ct, seed, accelerator, args.quick)
+            per[ct] = run_cell_type(adata, ct, seed, accelerator, args.quick, args.model_kwargs)
             row = per[ct]
             print(
                 f"seed {seed} {ct}: "

@@ -197,6 +197,11 @@ def test_expected_scores_are_the_noise_free_activity_the_flow_reads(program_mode
     )
     with pytest.raises(ValueError, match="layer= applies to the observed score"):
         program_model.get_program_scores(expected=True, layer="counts")
+    # a subset of cells is scored alone, with the same values (no pass over the others)
+    subset = np.array([7, 3, 150])
+    part = program_model._registered_codes(program_model.adata, indices=subset)
+    np.testing.assert_allclose(part["programs"], codes[subset], rtol=1e-5, atol=1e-6)
+    assert part["labels"].shape == (3,)
 
 
 def test_models_saved_with_observed_conditioning_keep_it(program_model):
@@ -207,6 +212,8 @@ def test_models_saved_with_observed_conditioning_keep_it(program_model):
         codes = program_model._registered_codes(program_model.adata)["programs"]
         observed = program_model.get_program_scores().to_numpy()
         np.testing.assert_allclose(codes, observed, rtol=1e-6)
+        part = program_model._registered_codes(program_model.adata, indices=[5, 2])["programs"]
+        np.testing.assert_allclose(part, observed[[5, 2]], rtol=1e-6)
     finally:
         program_model.program_stats_ = stats
 

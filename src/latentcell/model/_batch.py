@@ -152,8 +152,8 @@ class BatchCorrectionMixin:
             )
         target_codes = pd.Categorical(targets, categories=categories).codes.astype(np.int64)
 
-        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
         z = self._latent_means(adata, indices=indices, batch_size=batch_size)
+        codes = self._registered_codes(adata, latents=z, indices=indices)
         cat, cont = self._flow_codes(codes)
         if not use_labels:
             for i, a in enumerate(self._condition_attributes()["categorical"]):

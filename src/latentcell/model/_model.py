@@ -556,13 +556,19 @@ class LatentDiffusionModel(
         }
 
     def _registered_codes(
-        self, adata: AnnData, programs: bool = True, latents: np.ndarray | None = None
+        self,
+        adata: AnnData,
+        programs: bool = True,
+        latents: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Integer codes and values of the registered covariates of every cell.
 
+        ``indices`` restricts the result to those cells of ``adata`` (in that order).
         ``programs=False`` leaves out the gene-program activities (which take an encoder
-        pass once the VAE is trained) for callers that only decode; callers that hold every
-        cell's posterior-mean ``latents`` pass them to spare that pass.
+        pass once the VAE is trained) for callers that only decode; callers that hold the
+        cells' posterior-mean ``latents`` (one row per returned cell) pass them to spare
+        that pass.
         """
         manager = self.get_anndata_manager(adata, required=True)
         n = adata.n_obs
@@ -585,8 +591,11 @@ class LatentDiffusionModel(
             "spatial": get(SPATIAL_FIELD, np.float32),
             "log_library": np.log(np.maximum(library, 1e-12)).astype(np.float32),
         }
+        if indices is not None:
+            indices = np.asarray(indices)
+            codes = {k: v[indices] for k, v in codes.items()}
         if programs:
-            codes["programs"] = self._program_codes(adata, counts, codes, latents)
+            codes["programs"] = self._program_codes(adata, counts, codes, latents, indices)
         return codes
 
     def _flow_codes(self, codes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -418,7 +418,7 @@ class MultiModalMixin:
         z_source = self._latent_means(
             query, indices=indices, batch_size=batch_size, use_modalities=[source]
         )
-        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(query).items()}
+        codes = self._registered_codes(query, indices=indices)
         if source != primary:
             # the primary modality was not observed: decode it at the median training library
             codes["log_library"] = np.full(

@@ -153,7 +153,7 @@ class PerturbationMixin:
 
     def _perturbation_groups(self, adata: AnnData) -> np.ndarray:
         """Context of every cell: its label and batch, as one integer code."""
-        codes = self._registered_codes(adata)
+        codes = self._registered_codes(adata, programs=False)
         n_batch = int(self.summary_stats.n_batch)
         return codes["labels"].astype(np.int64) * n_batch + codes["batch"].astype(np.int64)
 
@@ -358,7 +358,7 @@ class PerturbationMixin:
         if state["dose_key"] is not None:
             doses = self._default_doses(values) if dose is None else _per_cell(dose, n_src, "dose")
         z = self._latent_means(adata, indices=indices, batch_size=batch_size)
-        codes = {k: np.asarray(v)[indices] for k, v in self._registered_codes(adata).items()}
+        codes = self._registered_codes(adata, latents=z, indices=indices)
 
         device = self.module.device
         rng = np.random.default_rng(seed)

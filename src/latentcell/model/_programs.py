@@ -356,21 +356,25 @@ class ProgramMixin:
         return stats
 
     def _program_codes(
-        self, adata: AnnData, x, codes: Mapping[str, np.ndarray], latents=None
+        self, adata: AnnData, x, codes: Mapping[str, np.ndarray], latents=None, indices=None
     ) -> np.ndarray:
-        """Return the program activity the flow is conditioned on, for every cell of ``adata``.
+        """Return the program activity the flow is conditioned on, for cells of ``adata``.
 
         The expected activity once the VAE is trained (observed before that, and for models
-        saved when the flow read the observed score). ``codes`` are the cells' registered
-        covariates and log library sizes; ``latents`` their posterior means, if the caller
-        has them (otherwise they are encoded).
+        saved when the flow read the observed score). ``indices`` are the cells (``None``:
+        all); ``codes`` their registered covariates and log library sizes; ``latents`` their
+        posterior means, if the caller has them (otherwise they are encoded).
         """
         state = self._program_state()
+        n = adata.n_obs if indices is None else len(indices)
         if state is None:
-            return np.zeros((adata.n_obs, 0), dtype=np.float32)
+            return np.zeros((n, 0), dtype=np.float32)
         if self._conditions_on_expected_activity() and "vae" in self.trained_stages_:
-            return self._expected_program_scores(adata, codes, latents)
-        return program_activity(x, adata.n_obs, state["programs"], state["stats"], self.var_names_)
+            return self._expected_program_scores(adata, codes, latents, indices=indices)
+        observed = program_activity(
+            x, adata.n_obs, state["programs"], state["stats"], self.var_names_
+        )
+        return observed if indices is None else observed[indices]
 
     @torch.inference_mode()
     def _expected_program_scores(
@@ -379,18 +383,24 @@ class ProgramMixin:
         codes: Mapping[str, np.ndarray],
         latents: np.ndarray | None = None,
         batch_size: int = 256,
+        indices: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Return the expected activity ``(cells, programs)`` (see the module docstring)."""
+        """Return the expected activity ``(cells, programs)`` (see the module docstring).
+
+        ``codes`` and ``latents`` hold one row per cell of ``indices`` (``None``: all cells).
+        """
         state = self._program_state()
         stats = state["stats"]
         position = {g: i for i, g in enumerate(self.var_names_)}
         columns = torch.as_tensor([position[g] for g in stats["genes"]])
         within = {g: i for i, g in enumerate(stats["genes"])}
         members = [torch.as_tensor([within[g] for g in gs]) for gs in state["programs"].values()]
-        z = self._latent_means(adata, batch_size=1024) if latents is None else latents
+        if latents is None:
+            latents = self._latent_means(adata, indices=indices, batch_size=1024)
+        z = latents
         device = self.module.device
         out = []
-        for start in range(0, adata.n_obs, batch_size):
+        for start in range(0, len(z), batch_size):
             sl = slice(start, start + batch_size)
             px = self._decode(
                 torch.as_tensor(z[sl], device=device), {k: v[sl] for k, v in codes.items()}
