@@ -395,9 +395,11 @@ class ProgramMixin:
         columns = torch.as_tensor([position[g] for g in stats["genes"]])
         within = {g: i for i, g in enumerate(stats["genes"])}
         members = [torch.as_tensor([within[g] for g in gs]) for gs in state["programs"].values()]
-        if latents is None:
-            latents = self._latent_means(adata, indices=indices, batch_size=1024)
-        z = latents
+        z = (
+            self._latent_means(adata, indices=indices, batch_size=1024)
+            if latents is None
+            else latents
+        )
         device = self.module.device
         out = []
         for start in range(0, len(z), batch_size):
