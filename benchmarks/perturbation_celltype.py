@@ -46,8 +46,9 @@ Rows, all from this run and on the same split:
   perfect prediction scored against all the true cells would do somewhat better).
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
-[--device cpu|cuda]`` (data from ``../shared/data`` or ``$LATENTCELL_DATA``). Writes
-``results/perturbation_<dataset>.json`` and ``.md``.
+[--model-kwargs '{"n_latent": 64}'] [--device cpu|cuda]`` (data from ``../shared/data`` or
+``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json`` and ``.md`` (with the
+model keyword arguments in the name when given, e.g. ``perturbation_kang_n_latent64``).
 """
 
 from __future__ import annotations
@@ -360,7 +361,10 @@ def main(argv=None):
     table = markdown(results, cell_types)
     print(table)
     if not args.quick:
-        write_results(args.out, f"perturbation_{args.dataset}", results, table)
+        name = f"perturbation_{args.dataset}" + "".join(
+            f"_{k}{v}" for k, v in sorted(args.model_kwargs.items())
+        )
+        write_results(args.out, name, results, table)
     return results
 
 
