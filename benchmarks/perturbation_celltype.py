@@ -227,16 +227,18 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
         **common,
     )
     fit = time.time() - t0
-    flow_pred = model.predict_perturbation(
-        indices=src, perturbation="pert", seed=seed, progress_bar=False
-    )
-    # effect-size guidance (not tuned on the held-out cell type: both values are reported)
-    guided = {
-        f"latentcell, plain flow, cfg {w}": model.predict_perturbation(
-            indices=src, perturbation="pert", seed=seed, cfg_scale=w, progress_bar=False
-        )
-        for w in (1.25, 1.5)
-    }
+
+    def flow_rows(unguided: str, prefix: str) -> dict:
+        """The current perturbation flow's predictions, unguided and with effect-size
+        guidance (not tuned on the held-out cell type: every value is reported)."""
+        return {
+            (unguided if w == 1.0 else f"{prefix}, cfg {w}"): model.predict_perturbation(
+                indices=src, perturbation="pert", seed=seed, cfg_scale=w, progress_bar=False
+            )
+            for w in (1.0, 1.25, 1.5)
+        }
+
+    plain = flow_rows("latentcell, plain flow", "latentcell, plain flow")
     # the same VAE with the residual parameterisation of the perturbation flow
     model._perturbation_kwargs["residual"] = True
     model.module.perturbation_flow = PerturbationFlow(**model._perturbation_kwargs)
@@ -255,17 +257,8 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
             seed=seed,
             progress_bar=False,
         ),
-        "latentcell, plain flow": flow_pred,
-        **guided,
-        "latentcell, residual flow (default)": model.predict_perturbation(
-            indices=src, perturbation="pert", seed=seed, progress_bar=False
-        ),
-        **{
-            f"latentcell, residual flow, cfg {w}": model.predict_perturbation(
-                indices=src, perturbation="pert", seed=seed, cfg_scale=w, progress_bar=False
-            )
-            for w in (1.25, 1.5)
-        },
+        **plain,
+        **flow_rows("latentcell, residual flow (default)", "latentcell, residual flow"),
         **regeneration_predictions(train, src, truth, seed, accelerator, quick, model_kwargs),
         CEILING_ROWS[0]: reconstruction(model, truth, seed),
     }
