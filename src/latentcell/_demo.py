@@ -51,7 +51,8 @@ def run_demo(
 
     Returns
     -------
-    The metrics written to ``metrics.json``.
+    dict
+        The metrics written to ``metrics.json``.
     """
     import matplotlib
 

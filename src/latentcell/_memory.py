@@ -34,7 +34,8 @@ def release_memory() -> bool:
 
     Returns
     -------
-    Whether any memory was released (always ``False`` without glibc).
+    bool
+        Whether any memory was released (always ``False`` without glibc).
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False

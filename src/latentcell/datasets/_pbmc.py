@@ -18,9 +18,10 @@ def pbmc68k_counts() -> AnnData:
 
     Returns
     -------
-    AnnData with counts in ``.X`` (float32, CSR) and in ``layers['counts']``, the original
-    ``obs`` columns plus ``obs['cell_type']`` (a copy of ``bulk_labels``), and ``var`` of the
-    raw genes.
+    anndata.AnnData
+        AnnData with counts in ``.X`` (float32, CSR) and in ``layers['counts']``, the original
+        ``obs`` columns plus ``obs['cell_type']`` (a copy of ``bulk_labels``), and ``var`` of the
+        raw genes.
     """
     import scanpy as sc
 

@@ -36,10 +36,11 @@ def synthetic_counts(
 
     Returns
     -------
-    AnnData with counts in ``.X`` (float32, CSR) and ``layers['counts']``, ``obs`` with
-    ``cell_type``, ``batch`` and a continuous ``score`` in [0, 1], and the true per-cell
-    means in ``layers['true_mean']``. ``uns['ground_truth']`` holds the cell-type log-mean
-    profiles (``cell_types x genes``) and the batch log-factors.
+    anndata.AnnData
+        AnnData with counts in ``.X`` (float32, CSR) and ``layers['counts']``, ``obs`` with
+        ``cell_type``, ``batch`` and a continuous ``score`` in [0, 1], and the true per-cell
+        means in ``layers['true_mean']``. ``uns['ground_truth']`` holds the cell-type log-mean
+        profiles (``cell_types x genes``) and the batch log-factors.
     """
     rng = np.random.default_rng(seed)
     profiles = _cell_type_profiles(rng, n_genes, n_cell_types)
@@ -120,11 +121,12 @@ def synthetic_perturbation(
 
     Returns
     -------
-    AnnData with counts in ``.X`` and ``layers['counts']``, ``obs`` with ``cell_type``,
-    ``condition`` (``"ctrl"`` or a perturbation) and ``batch``, the true means in
-    ``layers['true_mean']``, and in ``uns['ground_truth']`` the log-fold change of every
-    single perturbation (``singles x genes``), the cell-type scales and the base profiles
-    (and, with ``n_programs``, the singles' program weights, ``singles x programs``).
+    anndata.AnnData
+        AnnData with counts in ``.X`` and ``layers['counts']``, ``obs`` with ``cell_type``,
+        ``condition`` (``"ctrl"`` or a perturbation) and ``batch``, the true means in
+        ``layers['true_mean']``, and in ``uns['ground_truth']`` the log-fold change of every
+        single perturbation (``singles x genes``), the cell-type scales and the base profiles
+        (and, with ``n_programs``, the singles' program weights, ``singles x programs``).
     """
     rng = np.random.default_rng(seed)
     profiles = _cell_type_profiles(rng, n_genes, n_cell_types)

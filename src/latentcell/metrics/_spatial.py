@@ -25,8 +25,9 @@ def smoothing_matrix(coords: np.ndarray, n_neighbors: int = 10) -> sp.csr_matrix
 
     Returns
     -------
-    ``(n, n)`` CSR matrix ``S`` with ``1 / (k + 1)`` on each cell's row at itself and at its
-    ``k`` neighbours, so ``S @ X`` is the neighbourhood mean of ``X``.
+    scipy.sparse.csr_matrix
+        ``(n, n)`` CSR matrix ``S`` with ``1 / (k + 1)`` on each cell's row at itself and at its
+        ``k`` neighbours, so ``S @ X`` is the neighbourhood mean of ``X``.
     """
     coords = np.asarray(coords, dtype=np.float64)
     n = len(coords)
@@ -78,7 +79,8 @@ def smoothed_gene_correlation(
 
     Returns
     -------
-    Series of correlations indexed by gene; NaN for a gene constant in either smoothed set.
+    pandas.Series
+        Series of correlations indexed by gene; NaN for a gene constant in either smoothed set.
     """
     if spatial_key not in real.obsm:
         raise ValueError(f"real.obsm has no {spatial_key!r}; pass spatial_key=.")

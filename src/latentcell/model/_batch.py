@@ -103,11 +103,12 @@ class BatchCorrectionMixin:
 
         Returns
         -------
-        A new AnnData (the input is not modified): corrected counts in ``.X`` (float32
-        CSR), decoded means in ``layers['latentcell_mean']``, the source cells' ``obs``
-        (with their original batch) and ``obs['source_cell']``, the cells' own latents in
-        ``obsm['X_latentcell']`` and the corrected ones in
-        ``obsm['X_latentcell_corrected']``, the settings in ``uns['latentcell']``.
+        anndata.AnnData
+            A new AnnData (the input is not modified): corrected counts in ``.X`` (float32
+            CSR), decoded means in ``layers['latentcell_mean']``, the source cells' ``obs``
+            (with their original batch) and ``obs['source_cell']``, the cells' own latents in
+            ``obsm['X_latentcell']`` and the corrected ones in
+            ``obsm['X_latentcell_corrected']``, the settings in ``uns['latentcell']``.
 
         Examples
         --------

@@ -183,8 +183,9 @@ def registered_tensors(adata_manager, dense_limit_bytes: int = 2**30) -> dict:
 
     Returns
     -------
-    ``{registry key: tensor or scipy CSR matrix}`` with one row per cell; categorical
-    fields are int64 columns, everything else float32, as in scvi-tools' loaders.
+    dict
+        ``{registry key: tensor or scipy CSR matrix}`` with one row per cell; categorical
+        fields are int64 columns, everything else float32, as in scvi-tools' loaders.
     """
     import pandas as pd
     from scvi import REGISTRY_KEYS
@@ -256,7 +257,8 @@ def ot_pairs(
 
     Returns
     -------
-    ``(sources, targets)``: equally long arrays of cell indices.
+    tuple of numpy.ndarray
+        ``(sources, targets)``: equally long arrays of cell indices.
     """
     from scipy.optimize import linear_sum_assignment
     from scipy.spatial.distance import cdist

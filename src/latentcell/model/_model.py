@@ -1155,7 +1155,8 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        The model itself, so ``model.compile().train()`` reads naturally.
+        LatentDiffusionModel
+            The model itself, so ``model.compile().train()`` reads naturally.
         """
         self._compile_kwargs = {"vae": vae, **compile_kwargs}
         self._apply_compile()
@@ -1209,8 +1210,9 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        Array ``(n_cells, n_latent)``. Writes ``adata.obsm[key_added]`` unless ``key_added``
-        is ``None`` or ``indices`` is given.
+        numpy.ndarray
+            Array ``(n_cells, n_latent)``. Writes ``adata.obsm[key_added]`` unless ``key_added``
+            is ``None`` or ``indices`` is given.
         """
         self._check_stage("vae", "compute latents")
         adata = self._validate_anndata(adata)
@@ -1255,7 +1257,8 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        The mean ELBO (a float) or an array with one value per cell.
+        float or numpy.ndarray
+            The mean ELBO (a float) or an array with one value per cell.
         """
         from scvi.model.base._log_likelihood import compute_elbo
 
@@ -1289,8 +1292,9 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        ``{"reconstruction_loss": value}`` (one key per modality for a MuData model), each a
-        float or an array with one value per cell.
+        dict
+            ``{"reconstruction_loss": value}`` (one key per modality for a MuData model), each a
+            float or an array with one value per cell.
         """
         from scvi.model.base._log_likelihood import compute_reconstruction_error
 
@@ -1328,7 +1332,8 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        The mean marginal log-likelihood (a float) or an array with one value per cell.
+        float or numpy.ndarray
+            The mean marginal log-likelihood (a float) or an array with one value per cell.
         """
         if self.is_multimodal:
             raise ValueError(
@@ -1394,8 +1399,9 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        Cells x genes, as a DataFrame indexed by the cells' names with the genes as columns
-        (or an array).
+        pandas.DataFrame or numpy.ndarray
+            Cells x genes, as a DataFrame indexed by the cells' names with the genes as columns
+            (or an array).
         """
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
@@ -1541,8 +1547,9 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        As scVI: a ``scipy.sparse.csr_matrix`` of cells x genes for one draw, else a
-        ``sparse.GCXS`` array of shape ``(cells, genes, n_samples)``.
+        scipy.sparse.csr_matrix or sparse.GCXS
+            As scVI: a ``scipy.sparse.csr_matrix`` of cells x genes for one draw, else a
+            ``sparse.GCXS`` array of shape ``(cells, genes, n_samples)``.
         """
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
@@ -1629,7 +1636,8 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        A DataFrame as scVI's ``differential_expression`` returns.
+        pandas.DataFrame
+            A DataFrame as scVI's ``differential_expression`` returns.
         """
         from scvi.model._utils import scrna_raw_counts_properties
         from scvi.model.base._de_core import _de_core
@@ -1864,15 +1872,16 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        For a MuData model, a MuData with one AnnData per modality (each as described next),
-        the conditions also in the global ``obs`` and the latents in its ``obsm``. Otherwise,
-        an AnnData of generated cells: integer counts drawn from the decoder's likelihood in
-        ``.X`` (float32, CSR), the decoded mean expression in
-        ``layers['latentcell_mean']``, the conditions (requested, or drawn with the
-        reference cell for decoder covariates) in ``obs``, the generated latents in
-        ``obsm['X_latentcell']``, the training genes as ``var`` and the call's settings in
-        ``uns['latentcell']``. With positions (spatial models), also the positions in
-        ``obsm[spatial_key]``.
+        anndata.AnnData or mudata.MuData
+            For a MuData model, a MuData with one AnnData per modality (each as described next),
+            the conditions also in the global ``obs`` and the latents in its ``obsm``. Otherwise,
+            an AnnData of generated cells: integer counts drawn from the decoder's likelihood in
+            ``.X`` (float32, CSR), the decoded mean expression in
+            ``layers['latentcell_mean']``, the conditions (requested, or drawn with the
+            reference cell for decoder covariates) in ``obs``, the generated latents in
+            ``obsm['X_latentcell']``, the training genes as ``var`` and the call's settings in
+            ``uns['latentcell']``. With positions (spatial models), also the positions in
+            ``obsm[spatial_key]``.
         """
         self._check_stage("flow" if latent_prior == "flow" else "vae", "sample")
         method = self._sampler_method(method)
@@ -2144,8 +2153,9 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        One AnnData (MuData for a MuData model) as :meth:`sample` returns it, with the value
-        of ``key`` in ``obs[key]`` and the index of the point in ``obs['path_step']``.
+        anndata.AnnData or mudata.MuData
+            One AnnData (MuData for a MuData model) as :meth:`sample` returns it, with the value
+            of ``key`` in ``obs[key]`` and the index of the point in ``obs['path_step']``.
         """
         attrs = self._condition_attributes()
         if key not in attrs["continuous"]:
@@ -2305,7 +2315,8 @@ class LatentDiffusionModel(
 
         Returns
         -------
-        The loaded model.
+        LatentDiffusionModel
+            The loaded model.
         """
         from scvi.model._utils import parse_device_args
 

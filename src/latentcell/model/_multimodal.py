@@ -374,10 +374,11 @@ class MultiModalMixin:
 
         Returns
         -------
-        AnnData of the predicted ``target`` modality: counts drawn from its likelihood in
-        ``.X``, decoded means in ``layers['latentcell_mean']``, the source cells' ``obs``
-        (plus ``source_cell``), the latents in ``obsm['X_latentcell']``; or, with
-        ``key_added``, a MuData as described there. The input is not modified.
+        anndata.AnnData
+            AnnData of the predicted ``target`` modality: counts drawn from its likelihood in
+            ``.X``, decoded means in ``layers['latentcell_mean']``, the source cells' ``obs``
+            (plus ``source_cell``), the latents in ``obsm['X_latentcell']``; or, with
+            ``key_added``, a MuData as described there. The input is not modified.
         """
         if not self.is_multimodal:
             raise RuntimeError(

@@ -314,13 +314,14 @@ class PerturbationMixin:
 
         Returns
         -------
-        A new AnnData (the input's data are not modified; a query AnnData not yet seen by the
-        model is registered, which adds scvi-tools' ``_scvi_*`` fields, as in every
-        scvi-tools query method): counts in ``.X`` (float32 CSR), decoded
-        means in ``layers['latentcell_mean']``, the input cells' ``obs`` with the
-        perturbation column set to the predicted perturbation and ``obs['source_cell']``
-        naming the input cell, predicted latents in ``obsm['X_latentcell']``, and the
-        settings in ``uns['latentcell']``.
+        anndata.AnnData
+            A new AnnData (the input's data are not modified; a query AnnData not yet seen by the
+            model is registered, which adds scvi-tools' ``_scvi_*`` fields, as in every
+            scvi-tools query method): counts in ``.X`` (float32 CSR), decoded
+            means in ``layers['latentcell_mean']``, the input cells' ``obs`` with the
+            perturbation column set to the predicted perturbation and ``obs['source_cell']``
+            naming the input cell, predicted latents in ``obsm['X_latentcell']``, and the
+            settings in ``uns['latentcell']``.
         """
         state = self._perturbation_state()
         if state is None:

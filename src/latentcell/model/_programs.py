@@ -442,7 +442,8 @@ class ProgramMixin:
 
         Returns
         -------
-        DataFrame (cells x programs), indexed by ``adata.obs_names``.
+        pandas.DataFrame
+            DataFrame (cells x programs), indexed by ``adata.obs_names``.
         """
         state = self._program_state()
         if state is None:

@@ -47,8 +47,9 @@ def neighbourhood_summary(
 
     Returns
     -------
-    ``(summary, neighbours)``: float32 ``(m, n_latent + 1)`` and the pool indices
-    ``(m, n_neighbors)`` of the neighbours (repeated where a group had fewer).
+    tuple of numpy.ndarray
+        ``(summary, neighbours)``: float32 ``(m, n_latent + 1)`` and the pool indices
+        ``(m, n_neighbors)`` of the neighbours (repeated where a group had fewer).
     """
     query = np.asarray(query, dtype=np.float64)
     pool_coords = np.asarray(pool_coords, dtype=np.float64)
@@ -100,7 +101,8 @@ def simulate_holes(
 
     Returns
     -------
-    Boolean mask of the cells in a hole.
+    numpy.ndarray
+        Boolean mask of the cells in a hole.
     """
     in_hole = np.zeros(len(coords), dtype=bool)
     if fraction <= 0:
@@ -155,7 +157,8 @@ class SpatialMixin:
 
         Returns
         -------
-        ``(z, cat, cont, train_idx, val_idx)`` over the (possibly repeated) rows.
+        tuple
+            ``(z, cat, cont, train_idx, val_idx)`` over the (possibly repeated) rows.
         """
         state = self._spatial_state()
         if state is None:
@@ -193,7 +196,8 @@ class SpatialMixin:
 
         Returns
         -------
-        ``(coords or None, conditions without them)``.
+        tuple
+            ``(coords or None, conditions without them)``.
         """
         state = self._spatial_state()
         if not isinstance(conditions, Mapping):
@@ -223,9 +227,10 @@ class SpatialMixin:
 
         Returns
         -------
-        ``(columns, rows)``: the columns (NaN, i.e. null, where not requested) and, when a
-        neighbourhood was used, one random neighbour per cell (pool rows), whose library size
-        and covariates the decoder then uses.
+        tuple
+            ``(columns, rows)``: the columns (NaN, i.e. null, where not requested) and, when a
+            neighbourhood was used, one random neighbour per cell (pool rows), whose library size
+            and covariates the decoder then uses.
         """
         state = self._spatial_state()
         if state is None:
@@ -292,10 +297,11 @@ class SpatialMixin:
 
         Returns
         -------
-        AnnData as :meth:`sample` returns it, one generated cell per position, with the
-        positions in ``obsm[spatial_key]`` (named after the masked cells when a mask was
-        given), ready for ``squidpy.gr.spatial_neighbors`` and ``squidpy.pl.spatial_scatter``.
-        The input is not modified.
+        anndata.AnnData
+            AnnData as :meth:`sample` returns it, one generated cell per position, with the
+            positions in ``obsm[spatial_key]`` (named after the masked cells when a mask was
+            given), ready for ``squidpy.gr.spatial_neighbors`` and ``squidpy.pl.spatial_scatter``.
+            The input is not modified.
         """
         state = self._spatial_state()
         if state is None:

@@ -185,7 +185,8 @@ def check_perturbation(
 
     Returns
     -------
-    ``None`` without embeddings, else ``{"names": [...], "values": [[...], ...]}``.
+    dict or None
+        ``None`` without embeddings, else ``{"names": [...], "values": [[...], ...]}``.
     """
     if dose_key is not None and dose_key in adata.obs:
         if not pd.api.types.is_numeric_dtype(adata.obs[dose_key]):

@@ -42,7 +42,8 @@ def sample_negative_binomial(
 
     Returns
     -------
-    Tensor of counts (float, shape and dtype of ``mu``).
+    torch.Tensor
+        Tensor of counts (float, shape and dtype of ``mu``).
     """
     theta = theta.expand_as(mu)
     out = torch.zeros_like(mu)
@@ -91,7 +92,8 @@ def sample_counts(px: Distribution) -> torch.Tensor:
 
     Returns
     -------
-    Tensor of counts with the shape of the distribution's mean.
+    torch.Tensor
+        Tensor of counts with the shape of the distribution's mean.
     """
     from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 

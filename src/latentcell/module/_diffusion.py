@@ -56,8 +56,10 @@ def cosine_alpha_bar(
 
     Returns
     -------
-    ``alpha_bar(t) = f(1 - t) / f(0)`` with ``f(s) = cos((s + offset) / (1 + offset) * pi/2)^2``,
-    clipped; increasing in ``t``, ``eps`` at ``t = 0`` and ``ALPHA_BAR_MAX`` at ``t = 1``.
+    torch.Tensor
+        ``alpha_bar(t) = f(1 - t) / f(0)`` with
+        ``f(s) = cos((s + offset) / (1 + offset) * pi/2)^2``, clipped; increasing in ``t``,
+        ``eps`` at ``t = 0`` and ``ALPHA_BAR_MAX`` at ``t = 1``.
     """
     s = 1.0 - t
 
@@ -82,7 +84,8 @@ def diffuse(noise: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
     Returns
     -------
-    The noised samples, shaped like ``x1``.
+    torch.Tensor
+        The noised samples, shaped like ``x1``.
     """
     ab = _broadcast(cosine_alpha_bar(t), x1)
     return ab.sqrt() * x1 + (1 - ab).sqrt() * noise
@@ -102,7 +105,8 @@ def predict_data(x: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: torch.Tensor
 
     Returns
     -------
-    The predicted clean sample ``x1_hat``.
+    torch.Tensor
+        The predicted clean sample ``x1_hat``.
     """
     return (x - (1 - alpha_bar).sqrt() * eps_hat) / alpha_bar.sqrt()
 
@@ -129,7 +133,8 @@ def ddim_step(
 
     Returns
     -------
-    Samples at ``alpha_bar_next``.
+    torch.Tensor
+        Samples at ``alpha_bar_next``.
     """
     x1_hat = predict_data(x, eps_hat, alpha_bar)
     return alpha_bar_next.sqrt() * x1_hat + (1 - alpha_bar_next).sqrt() * eps_hat
@@ -160,7 +165,8 @@ def ddim_sample(
 
     Returns
     -------
-    The samples at ``t = 1``.
+    torch.Tensor
+        The samples at ``t = 1``.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps}.")

@@ -262,7 +262,8 @@ class LatentFlow(BaseModuleClass):
 
         Returns
         -------
-        Noise ``(n, n_latent)`` at ``t = 0``.
+        torch.Tensor
+            Noise ``(n, n_latent)`` at ``t = 0``.
         """
         if self.objective != "flow":
             raise ValueError(
@@ -316,7 +317,8 @@ class LatentFlow(BaseModuleClass):
 
         Returns
         -------
-        Latents of shape ``(n, n_latent)``.
+        torch.Tensor
+            Latents of shape ``(n, n_latent)``.
         """
         valid = SAMPLER_METHODS if self.objective == "flow" else DIFFUSION_METHODS
         if method is None:

@@ -247,8 +247,9 @@ class MultiModalVAE(BaseModuleClass):
 
         Returns
         -------
-        ``qz`` (the product-of-experts Normal), ``z`` (a draw from it), ``library`` (log
-        library of the primary modality) and ``observed`` (per modality, per cell).
+        dict
+            ``qz`` (the product-of-experts Normal), ``z`` (a draw from it), ``library`` (log
+            library of the primary modality) and ``observed`` (per modality, per cell).
         """
         primary = self.names[0]
         observed = self.observed(x)
@@ -317,8 +318,9 @@ class MultiModalVAE(BaseModuleClass):
 
         Returns
         -------
-        ``{"px": {modality: distribution}}``; the primary modality's mean scales with
-        ``library`` (log), the others do not depend on it.
+        dict
+            ``{"px": {modality: distribution}}``; the primary modality's mean scales with
+            ``library`` (log), the others do not depend on it.
         """
         cats = [batch_index] + (
             list(torch.split(cat_covs, 1, dim=1)) if cat_covs is not None else []

@@ -81,7 +81,8 @@ def integrate(
 
     Returns
     -------
-    The state at ``t1``.
+    torch.Tensor
+        The state at ``t1``.
     """
     if method not in SAMPLER_METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {SAMPLER_METHODS}.")

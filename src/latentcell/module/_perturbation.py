@@ -158,7 +158,8 @@ class PerturbationFlow(BaseModuleClass):
 
         Returns
         -------
-        Predicted perturbed latents ``(n, n_latent)`` in the VAE latent space.
+        torch.Tensor
+            Predicted perturbed latents ``(n, n_latent)`` in the VAE latent space.
         """
         device = self.latent_mean.device
         x0 = (z.to(device) - self.latent_mean) / self.latent_std

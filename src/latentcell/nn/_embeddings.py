@@ -27,7 +27,8 @@ def sinusoidal_embedding(
 
     Returns
     -------
-    Tensor of shape ``(batch, dim)``.
+    torch.Tensor
+        Tensor of shape ``(batch, dim)``.
     """
     half = dim // 2
     freqs = torch.exp(
@@ -220,7 +221,8 @@ class ConditionEmbedding(nn.Module):
 
         Returns
         -------
-        Tensor ``(batch, n_hidden)``, the sum of the attribute embeddings.
+        torch.Tensor
+            Tensor ``(batch, n_hidden)``, the sum of the attribute embeddings.
         """
         n = cat.shape[0] if cat is not None else cont.shape[0]
         device = (cat if cat is not None else cont).device
@@ -266,10 +268,11 @@ class ConditionEmbedding(nn.Module):
 
         Returns
         -------
-        ``None`` without programs; otherwise ``(tokens, mask)``: tokens
-        ``(batch, 1 + n_programs, n_hidden)`` (a learned null token, then one per program)
-        and a boolean mask ``(batch, 1 + n_programs)``, ``True`` for the tokens to attend to
-        (the null token always, a program where it is specified and not dropped).
+        tuple of torch.Tensor or None
+            ``None`` without programs; otherwise ``(tokens, mask)``: tokens
+            ``(batch, 1 + n_programs, n_hidden)`` (a learned null token, then one per program)
+            and a boolean mask ``(batch, 1 + n_programs)``, ``True`` for the tokens to attend to
+            (the null token always, a program where it is specified and not dropped).
         """
         if not self.n_programs:
             return None

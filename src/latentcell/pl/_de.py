@@ -40,7 +40,8 @@ def volcano(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     missing = [c for c in ("lfc_mean", "proba_de") if c not in de]
     if missing:

@@ -45,8 +45,9 @@ def real_vs_generated_umap(
 
     Returns
     -------
-    The figure if ``return_fig``; the joint embedding is also returned as an AnnData in
-    ``fig.latentcell_embedding`` for further plotting.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``; the joint embedding is also returned as an AnnData in
+        ``fig.latentcell_embedding`` for further plotting.
     """
     import scanpy as sc
 

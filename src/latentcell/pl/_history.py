@@ -35,7 +35,8 @@ def training_history(model, ax=None, return_fig: bool = False):
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     history = model.history
     if not history:

@@ -69,7 +69,8 @@ def expression_along_path(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     genes = list(genes)
     if not genes:

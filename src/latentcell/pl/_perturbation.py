@@ -47,7 +47,8 @@ def mean_expression_scatter(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     genes = _reference_genes(true, "true")
     x = _mean_profile(true, genes, layer, "true")

@@ -34,7 +34,8 @@ def program_activity(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     if not scores:
         raise ValueError("Pass at least one set of scores.")

@@ -65,7 +65,8 @@ def imputed_region(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     for data, name in ((adata, "adata"), (imputed, "imputed")):
         if spatial_key not in data.obsm:

@@ -58,8 +58,9 @@ def steps_quality(
 
     Returns
     -------
-    The matplotlib axes if ``show`` is ``False``. The secondary axis, when ``throughput`` is
-    given, is ``ax.latentcell_throughput_ax``.
+    matplotlib.axes.Axes or None
+        The matplotlib axes if ``show`` is ``False``. The secondary axis, when ``throughput`` is
+        given, is ``ax.latentcell_throughput_ax``.
 
     Examples
     --------

@@ -55,7 +55,8 @@ def translation_scatter(
 
     Returns
     -------
-    The figure if ``return_fig``.
+    matplotlib.figure.Figure or None
+        The figure if ``return_fig``.
     """
     if pred.n_obs != true.n_obs:
         raise ValueError(
