@@ -40,6 +40,13 @@ Rows, all from this run and on the same split:
 - latentcell regeneration (flow / decoder): a second model with the condition registered as
   the batch; ``correct_batch`` moves each control cell to the perturbed condition, through
   the latent flow (inverted and regenerated) or through the decoder only;
+- latentcell, residual flow + regeneration (cells pooled): the two routes' predicted cells
+  of the same seed concatenated into one prediction (twice as many cells);
+- ensemble of the seeds (when several seeds run): the predicted cells of every seed pooled
+  into one prediction, for the residual flow, for regeneration and for both together. Its
+  mean-expression scores use every pooled cell; its energy, like that of the pooled row
+  above, a random subset of as many cells as there are controls (the V-statistic falls as
+  the predicted sample grows, so a larger pool would look closer for that reason alone);
 - VAE ceiling (perturbation model / regeneration model): not a prediction, a bound. The
   removed perturbed cells themselves, encoded and decoded by the VAE that was trained without
   them (``posterior_predictive_sample``: a latent drawn from each cell's posterior, decoded
@@ -50,7 +57,8 @@ Rows, all from this run and on the same split:
   perfect prediction scored against all the true cells would do somewhat better).
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
-[--model-kwargs '{"n_latent": 64}'] [--device cpu|cuda]`` (data from ``../shared/data`` or
+[--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--device cpu|cuda]`` (``--jobs``: seeds in
+parallel processes; data from ``../shared/data`` or
 ``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json`` and ``.md`` (with the
 model keyword arguments in the name when given, e.g. ``perturbation_kang_n_latent64``).
 """
@@ -67,6 +75,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import DATA_DIR, add_device_arguments, resolve_accelerator, write_results
@@ -85,6 +94,7 @@ ROWS = (
     "latentcell, residual flow, cfg 1.5",
     "latentcell regeneration (flow)",
     "latentcell regeneration (decoder)",
+    "latentcell, residual flow + regeneration (cells pooled)",
     "VAE ceiling: true cells through the perturbation model's VAE",
     "VAE ceiling: true cells through the regeneration model's VAE",
     "real vs real: half of the true cells against the other half",
@@ -93,6 +103,15 @@ ROWS = (
 CEILING_ROWS = ROWS[-3:-1]
 NULL_ROW = ROWS[-1]
 SCVI_ROW = ROWS[3]
+RESIDUAL, REGENERATION = "latentcell, residual flow (default)", "latentcell regeneration (flow)"
+#: Rows of one seed pooled into one prediction (cells concatenated).
+POOLED = {"latentcell, residual flow + regeneration (cells pooled)": (RESIDUAL, REGENERATION)}
+#: Ensembles over every seed of the run: the listed rows' cells of all seeds, concatenated.
+ENSEMBLES = {
+    "ensemble of the seeds: residual flow (default)": (RESIDUAL,),
+    "ensemble of the seeds: regeneration (flow)": (REGENERATION,),
+    "ensemble of the seeds: residual flow + regeneration": (RESIDUAL, REGENERATION),
+}
 SCORES = ("r2_pearson_all", "r2_pearson_top100", "delta_pearson_all", "energy")
 #: Figures quoted in issue #4 for the Kang protocol (top-100-DE R^2 per cell type, sorted by
 #: name). Not measured here: shown for reference only.
@@ -253,6 +272,33 @@ def scvi_latent_arithmetic(train, src, cell_type, seed, accelerator, quick=False
     return {SCVI_ROW: ad.AnnData(X=drawn, obs=data.obs.iloc[src].copy(), var=data.var.copy())}
 
 
+def _bare(pred: ad.AnnData) -> ad.AnnData:
+    """Counts and gene names only (what the scorer reads), with unique cell names."""
+    out = ad.AnnData(X=pred.X, var=pd.DataFrame(index=pred.var_names.copy()))
+    out.obs_names = [f"c{i}" for i in range(out.n_obs)]
+    return out
+
+
+def score_pooled(preds: list, truth, control, seed: int) -> dict:
+    """Scores of several predictions pooled into one (their cells concatenated).
+
+    Mean-expression scores use every pooled cell. The energy distance is computed on a
+    random subset of as many cells as there are controls (one prediction's size), because
+    the V-statistic falls as the predicted sample grows, so that it compares with the rows
+    of single predictions.
+    """
+    import latentcell as lc
+
+    pooled = ad.concat([_bare(p) for p in preds], merge="first")
+    pooled.obs_names = [f"c{i}" for i in range(pooled.n_obs)]
+    scores = lc.metrics.score_perturbation(pooled, truth, control, k=100, seed=seed)
+    subset = np.random.default_rng(seed).choice(pooled.n_obs, control.n_obs, replace=False)
+    energy = lc.metrics.score_perturbation(
+        pooled[np.sort(subset)].copy(), truth, control, k=100, seed=seed
+    )["energy"]
+    return {**{k: float(scores[k]) for k in SCORES}, "energy": float(energy)}
+
+
 def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs=None) -> dict:
     import scvi
 
@@ -326,12 +372,54 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
     for name, pred in preds.items():
         scores = lc.metrics.score_perturbation(pred, truth, control, k=100, seed=seed)
         out[name] = {k: float(scores[k]) for k in SCORES}
+    for name, rows in POOLED.items():
+        out[name] = score_pooled([preds[r] for r in rows], truth, control, seed)
     out[NULL_ROW] = real_vs_real(truth, control, seed)
     out["fit_seconds"] = fit
     out["n_epochs"] = {
         "vae": len(model.history["elbo_train"]),
         "perturbation": len(model.history["perturbation_loss_train"]),
     }
+    kept = {r: _bare(preds[r]) for rows in ENSEMBLES.values() for r in rows}
+    return out, kept
+
+
+def run_seed(dataset, seed, cell_types, accelerator, quick=False, model_kwargs=None):
+    """Every held-out cell type for one seed: ``(scores per cell type, kept predictions)``."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    adata = load_dataset(dataset)
+    per, kept = {}, {}
+    for ct in cell_types:
+        per[ct], kept[ct] = run_cell_type(adata, ct, seed, accelerator, quick, model_kwargs)
+        row = per[ct]
+        print(
+            f"seed {seed} {ct}: "
+            + ", ".join(f"{r} {row[r]['r2_pearson_top100']:.3f}" for r in ROWS)
+            + f" (fit {row['fit_seconds']:.0f} s)",
+            flush=True,
+        )
+    return per, kept
+
+
+def ensemble_scores(dataset, kept_by_seed: dict, cell_types) -> dict:
+    """Scores of each ensemble: the cells of its rows over every seed, pooled."""
+    adata = load_dataset(dataset)
+    out = {}
+    for ct in cell_types:
+        held = ((adata.obs[CELL_TYPE] == ct) & (adata.obs[CONDITION] == "pert")).to_numpy()
+        truth = adata[held].copy()
+        is_control = (adata.obs[CELL_TYPE] == ct) & (adata.obs[CONDITION] == "ctrl")
+        control = adata[is_control.to_numpy()].copy()
+        out[ct] = {
+            name: score_pooled(
+                [kept_by_seed[s][ct][r] for s in kept_by_seed for r in rows],
+                truth,
+                control,
+                seed=0,
+            )
+            for name, rows in ENSEMBLES.items()
+        }
     return out
 
 
@@ -342,16 +430,28 @@ def markdown(results: dict, cell_types: list[str]) -> str:
         + " | mean top-100 R² | mean all-gene R² | mean Δ Pearson | mean energy |",
         "|---|" + "---:|" * (len(cell_types) + 4),
     ]
-    per = results["per_cell_type"]
-    for row in ROWS:
-        top = [np.mean([per[s][ct][row]["r2_pearson_top100"] for s in per]) for ct in cell_types]
-        agg = {k: np.mean([per[s][ct][row][k] for s in per for ct in cell_types]) for k in SCORES}
-        lines.append(
-            f"| {row} | "
+
+    def line(name, per_seed):
+        """One table row from ``[{cell type: scores}]`` (one dict per seed, averaged)."""
+        top = [np.mean([p[ct]["r2_pearson_top100"] for p in per_seed]) for ct in cell_types]
+        agg = {k: np.mean([p[ct][k] for p in per_seed for ct in cell_types]) for k in SCORES}
+        return (
+            f"| {name} | "
             + " | ".join(f"{v:.3f}" for v in top)
             + f" | **{np.mean(top):.3f}** | {agg['r2_pearson_all']:.3f} | "
             f"{agg['delta_pearson_all']:.3f} | {agg['energy']:.3f} |"
         )
+
+    per = results["per_cell_type"].values()
+    for row in ROWS:
+        if all(row in p[ct] for p in per for ct in cell_types):  # rows added later
+            lines.append(line(row, [{ct: p[ct][row] for ct in cell_types} for p in per]))
+    ensembles = results.get("ensembles", {})
+    for name in ENSEMBLES:
+        if ensembles and all(name in ensembles[ct] for ct in cell_types):
+            n = len(results["per_cell_type"])
+            rows = [{ct: ensembles[ct][name] for ct in cell_types}]
+            lines.append(line(f"{name} ({n} seeds)", rows))
     for name, vals in (REPORTED_KANG if results["dataset"] == "kang" else {}).items():
         if len(vals) != len(cell_types):
             continue
@@ -376,6 +476,9 @@ def main(argv=None):
         help="JSON keyword arguments of both models, e.g. '{\"n_latent\": 32}'",
     )
     parser.add_argument("--cell-types", nargs="+", default=None, help="a subset to hold out")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)"
+    )
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     import scvi
@@ -402,18 +505,24 @@ def main(argv=None):
         "scvi_tools_version": scvi.__version__,
         "per_cell_type": {},
     }
-    for seed in args.seeds:
-        per = {}
-        for ct in cell_types:
-            per[ct] = run_cell_type(adata, ct, seed, accelerator, args.quick, args.model_kwargs)
-            row = per[ct]
-            print(
-                f"seed {seed} {ct}: "
-                + ", ".join(f"{r} {row[r]['r2_pearson_top100']:.3f}" for r in ROWS)
-                + f" (fit {row['fit_seconds']:.0f} s)",
-                flush=True,
-            )
+    jobs = [
+        (args.dataset, seed, cell_types, accelerator, args.quick, args.model_kwargs)
+        for seed in args.seeds
+    ]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=context) as pool:
+            done = list(pool.map(run_seed, *zip(*jobs, strict=True)))
+    else:
+        done = [run_seed(*job) for job in jobs]
+    kept = {}
+    for seed, (per, kept[seed]) in zip(args.seeds, done, strict=True):
         results["per_cell_type"][str(seed)] = per
+    if len(args.seeds) > 1:
+        results["ensembles"] = ensemble_scores(args.dataset, kept, cell_types)
     table = markdown(results, cell_types)
     print(table)
     if not args.quick:
