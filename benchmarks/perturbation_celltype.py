@@ -272,6 +272,20 @@ def scvi_latent_arithmetic(train, src, cell_type, seed, accelerator, quick=False
     return {SCVI_ROW: ad.AnnData(X=drawn, obs=data.obs.iloc[src].copy(), var=data.var.copy())}
 
 
+def held_out_split(adata: ad.AnnData, cell_type: str):
+    """``(truth, train, src, control)`` for holding out ``cell_type``'s perturbed cells.
+
+    ``truth``: the removed perturbed cells; ``train``: every other cell; ``src``: the
+    positions in ``train`` of the cell type's controls; ``control``: those cells.
+    """
+    held = ((adata.obs[CELL_TYPE] == cell_type) & (adata.obs[CONDITION] == "pert")).to_numpy()
+    train = adata[~held].copy()
+    src = np.flatnonzero(
+        ((train.obs[CELL_TYPE] == cell_type) & (train.obs[CONDITION] == "ctrl")).to_numpy()
+    )
+    return adata[held].copy(), train, src, train[src].copy()
+
+
 def _bare(pred: ad.AnnData) -> ad.AnnData:
     """Counts and gene names only (what the scorer reads), with unique cell names."""
     out = ad.AnnData(X=pred.X, var=pd.DataFrame(index=pred.var_names.copy()))
@@ -305,13 +319,7 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
     import latentcell as lc
     from latentcell.module import PerturbationFlow
 
-    held = ((adata.obs[CELL_TYPE] == cell_type) & (adata.obs[CONDITION] == "pert")).to_numpy()
-    truth = adata[held].copy()
-    train = adata[~held].copy()
-    src = np.flatnonzero(
-        ((train.obs[CELL_TYPE] == cell_type) & (train.obs[CONDITION] == "ctrl")).to_numpy()
-    )
-    control = train[src].copy()
+    truth, train, src, control = held_out_split(adata, cell_type)
 
     scvi.settings.seed = seed
     lc.LatentDiffusionModel.setup_anndata(
@@ -407,10 +415,7 @@ def ensemble_scores(dataset, kept_by_seed: dict, cell_types) -> dict:
     adata = load_dataset(dataset)
     out = {}
     for ct in cell_types:
-        held = ((adata.obs[CELL_TYPE] == ct) & (adata.obs[CONDITION] == "pert")).to_numpy()
-        truth = adata[held].copy()
-        is_control = (adata.obs[CELL_TYPE] == ct) & (adata.obs[CONDITION] == "ctrl")
-        control = adata[is_control.to_numpy()].copy()
+        truth, _, _, control = held_out_split(adata, ct)
         out[ct] = {
             name: score_pooled(
                 [kept_by_seed[s][ct][r] for s in kept_by_seed for r in rows],
