@@ -287,10 +287,8 @@ def held_out_split(adata: ad.AnnData, cell_type: str):
 
 
 def _bare(pred: ad.AnnData) -> ad.AnnData:
-    """Counts and gene names only (what the scorer reads), with unique cell names."""
-    out = ad.AnnData(X=pred.X, var=pd.DataFrame(index=pred.var_names.copy()))
-    out.obs_names = [f"c{i}" for i in range(out.n_obs)]
-    return out
+    """Counts and gene names only: what the scorer reads, and all a pooled row keeps."""
+    return ad.AnnData(X=pred.X, var=pd.DataFrame(index=pred.var_names.copy()))
 
 
 def score_pooled(preds: list, truth, control, seed: int) -> dict:
@@ -303,7 +301,7 @@ def score_pooled(preds: list, truth, control, seed: int) -> dict:
     """
     import latentcell as lc
 
-    pooled = ad.concat([_bare(p) for p in preds], merge="first")
+    pooled = ad.concat([_bare(p) for p in preds])
     pooled.obs_names = [f"c{i}" for i in range(pooled.n_obs)]
     scores = lc.metrics.score_perturbation(pooled, truth, control, k=100, seed=seed)
     subset = np.random.default_rng(seed).choice(pooled.n_obs, control.n_obs, replace=False)
@@ -392,11 +390,10 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
     return out, kept
 
 
-def run_seed(dataset, seed, cell_types, accelerator, quick=False, model_kwargs=None):
+def run_seed(adata, seed, cell_types, accelerator, quick=False, model_kwargs=None):
     """Every held-out cell type for one seed: ``(scores per cell type, kept predictions)``."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    adata = load_dataset(dataset)
     per, kept = {}, {}
     for ct in cell_types:
         per[ct], kept[ct] = run_cell_type(adata, ct, seed, accelerator, quick, model_kwargs)
@@ -410,9 +407,8 @@ def run_seed(dataset, seed, cell_types, accelerator, quick=False, model_kwargs=N
     return per, kept
 
 
-def ensemble_scores(dataset, kept_by_seed: dict, cell_types) -> dict:
+def ensemble_scores(adata, kept_by_seed: dict, cell_types) -> dict:
     """Scores of each ensemble: the cells of its rows over every seed, pooled."""
-    adata = load_dataset(dataset)
     out = {}
     for ct in cell_types:
         truth, _, _, control = held_out_split(adata, ct)
@@ -511,8 +507,7 @@ def main(argv=None):
         "per_cell_type": {},
     }
     jobs = [
-        (args.dataset, seed, cell_types, accelerator, args.quick, args.model_kwargs)
-        for seed in args.seeds
+        (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs) for seed in args.seeds
     ]
     if args.jobs > 1:
         import multiprocessing
@@ -527,7 +522,7 @@ def main(argv=None):
     for seed, (per, kept[seed]) in zip(args.seeds, done, strict=True):
         results["per_cell_type"][str(seed)] = per
     if len(args.seeds) > 1:
-        results["ensembles"] = ensemble_scores(args.dataset, kept, cell_types)
+        results["ensembles"] = ensemble_scores(adata, kept, cell_types)
     table = markdown(results, cell_types)
     print(table)
     if not args.quick:
