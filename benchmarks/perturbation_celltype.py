@@ -57,10 +57,13 @@ Rows, all from this run and on the same split:
   perfect prediction scored against all the true cells would do somewhat better).
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
-[--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--device cpu|cuda]`` (``--jobs``: seeds in
-parallel processes; data from ``../shared/data`` or
-``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json`` and ``.md`` (with the
-model keyword arguments in the name when given, e.g. ``perturbation_kang_n_latent64``).
+[--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--predictions DIR] [--name NAME]
+[--device cpu|cuda]`` (``--jobs``: seeds in parallel processes; ``--predictions``: each
+seed's predicted cells of the ensemble rows are saved under ``DIR`` and the ensembles pool
+every seed saved there, so seeds run at different times can be pooled; data from
+``../shared/data`` or ``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json``
+and ``.md`` (with the model keyword arguments in the name when given, e.g.
+``perturbation_kang_n_latent64``; ``--name`` replaces the name).
 """
 
 from __future__ import annotations
@@ -407,6 +410,41 @@ def run_seed(adata, seed, cell_types, accelerator, quick=False, model_kwargs=Non
     return per, kept
 
 
+def _prediction_path(directory: Path, seed: int, cell_type: str, row: str) -> Path:
+    """Where ``--predictions`` keeps one seed's predicted cells of one row and cell type."""
+    slug = "".join(c if c.isalnum() else "_" for c in f"{cell_type}__{row}")
+    return Path(directory) / f"seed{seed}" / f"{slug}.h5ad"
+
+
+def save_predictions(directory: Path, seed: int, kept: dict) -> None:
+    """Write one seed's kept predictions (``{cell type: {row: AnnData}}``) as ``.h5ad``."""
+    for ct, rows in kept.items():
+        for row, pred in rows.items():
+            path = _prediction_path(directory, seed, ct, row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pred.write_h5ad(path)
+
+
+def load_saved_predictions(directory: Path, cell_types, skip=()) -> dict:
+    """Every seed saved under ``directory`` (but ``skip``) with all the ensemble rows.
+
+    Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out.
+    """
+    rows = {r for rs in ENSEMBLES.values() for r in rs}
+    out = {}
+    for folder in sorted(Path(directory).glob("seed*")):
+        seed = int(folder.name[4:])
+        paths = {
+            (ct, r): _prediction_path(directory, seed, ct, r) for ct in cell_types for r in rows
+        }
+        if seed in skip or not all(p.exists() for p in paths.values()):
+            continue
+        out[seed] = {ct: {} for ct in cell_types}
+        for (ct, r), path in paths.items():
+            out[seed][ct][r] = ad.read_h5ad(path)
+    return out
+
+
 def ensemble_scores(adata, kept_by_seed: dict, cell_types) -> dict:
     """Scores of each ensemble: the cells of its rows over every seed, pooled."""
     out = {}
@@ -414,7 +452,7 @@ def ensemble_scores(adata, kept_by_seed: dict, cell_types) -> dict:
         truth, _, _, control = held_out_split(adata, ct)
         out[ct] = {
             name: score_pooled(
-                [kept_by_seed[s][ct][r] for s in kept_by_seed for r in rows],
+                [kept_by_seed[s][ct][r] for s in sorted(kept_by_seed) for r in rows],
                 truth,
                 control,
                 seed=0,
@@ -450,7 +488,7 @@ def markdown(results: dict, cell_types: list[str]) -> str:
     ensembles = results.get("ensembles", {})
     for name in ENSEMBLES:
         if ensembles and all(name in ensembles[ct] for ct in cell_types):
-            n = len(results["per_cell_type"])
+            n = len(results.get("ensemble_seeds", results["per_cell_type"]))
             rows = [{ct: ensembles[ct][name] for ct in cell_types}]
             lines.append(line(f"{name} ({n} seeds)", rows))
     for name, vals in (REPORTED_KANG if results["dataset"] == "kang" else {}).items():
@@ -480,6 +518,12 @@ def main(argv=None):
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)"
     )
+    parser.add_argument(
+        "--predictions",
+        default=None,
+        help="folder: save each seed's ensemble predictions there and pool every seed saved",
+    )
+    parser.add_argument("--name", default=None, help="name of the results files")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     import scvi
@@ -521,12 +565,17 @@ def main(argv=None):
     kept = {}
     for seed, (per, kept[seed]) in zip(args.seeds, done, strict=True):
         results["per_cell_type"][str(seed)] = per
-    if len(args.seeds) > 1:
+        if args.predictions:
+            save_predictions(args.predictions, seed, kept[seed])
+    if args.predictions:  # seeds saved by earlier runs join the ensembles
+        kept.update(load_saved_predictions(args.predictions, cell_types, skip=set(kept)))
+    if len(kept) > 1:
+        results["ensemble_seeds"] = sorted(kept)
         results["ensembles"] = ensemble_scores(adata, kept, cell_types)
     table = markdown(results, cell_types)
     print(table)
     if not args.quick:
-        name = f"perturbation_{args.dataset}" + "".join(
+        name = args.name or f"perturbation_{args.dataset}" + "".join(
             f"_{k}{v}" for k, v in sorted(args.model_kwargs.items())
         )
         write_results(args.out, name, results, table)
