@@ -457,3 +457,23 @@ def test_elbo_reconstruction_error_and_marginal_likelihood_as_scvi(de_model):
     ].shape == (2,)
     with pytest.raises(ValueError, match="n_mc_samples must be at least 1"):
         de_model.get_marginal_ll(n_mc_samples=0)
+
+
+def test_training_drops_only_lightnings_litlogger_tip(synthetic, caplog):
+    import logging
+
+    from latentcell.model._training import _LIGHTNING_RANK_ZERO
+
+    lightning_log = logging.getLogger(_LIGHTNING_RANK_ZERO)
+    LDM.setup_anndata(synthetic, layer="counts", labels_key="cell_type")
+    model = LDM(synthetic, **FAST_MODEL)
+    with caplog.at_level(logging.INFO, logger=_LIGHTNING_RANK_ZERO):
+        model.train(max_epochs=1, flow_max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+    lightning_records = [r for r in caplog.records if r.name == _LIGHTNING_RANK_ZERO]
+    assert lightning_records  # Lightning's other messages ("GPU available: ...") still pass
+    assert not any("litlogger" in r.getMessage() for r in lightning_records)
+    assert not lightning_log.filters  # the filter is removed after training
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=_LIGHTNING_RANK_ZERO):
+        lightning_log.info("try installing litlogger")  # outside train(): untouched
+    assert [r.getMessage() for r in caplog.records] == ["try installing litlogger"]

@@ -50,7 +50,7 @@ from latentcell.model._perturbation import PerturbationMixin
 from latentcell.model._programs import ProgramMixin, check_programs, requested_levels
 from latentcell.model._spatial import SpatialMixin
 from latentcell.model._stream import H5adWriter
-from latentcell.model._training import FlowStageOptions, FlowTrainingPlan
+from latentcell.model._training import FlowStageOptions, FlowTrainingPlan, quiet_litlogger_tip
 from latentcell.model._validation import (
     check_counts,
     check_not_view,
@@ -833,16 +833,17 @@ class LatentDiffusionModel(
         """Run scvi-tools' TrainRunner for one stage and keep that stage's history apart."""
         self._apply_compile()
         self.history_, self.is_trained_ = None, False
-        runner = TrainRunner(
-            self,
-            training_plan=plan,
-            data_splitter=data,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            **kwargs,
-        )
-        runner()
+        with quiet_litlogger_tip():  # Lightning's tip, logged by every Trainer built here
+            runner = TrainRunner(
+                self,
+                training_plan=plan,
+                data_splitter=data,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **kwargs,
+            )
+            runner()
         release_memory()
         self.stage_history_[stage] = dict(self.history_ or {})
         self.history_ = self._merged_history()

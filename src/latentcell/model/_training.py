@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from scvi.train import TrainingPlan
+
+#: Lightning's logger for ``rank_zero_info`` messages, which carries its litlogger tip.
+_LIGHTNING_RANK_ZERO = "lightning.pytorch.utilities.rank_zero"
+
+
+class _DropLitloggerTip(logging.Filter):
+    """Drop Lightning's advertisement for litlogger; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def quiet_litlogger_tip() -> Iterator[None]:
+    """Silence Lightning's litlogger tip while the block runs.
+
+    Lightning logs it once per ``Trainer``, and ``train()`` builds one trainer per stage,
+    so a user would read it three times per call. Only that message is dropped, only from
+    Lightning's logger and only inside the block; the filter is removed afterwards.
+    """
+    logger, tip_filter = logging.getLogger(_LIGHTNING_RANK_ZERO), _DropLitloggerTip()
+    logger.addFilter(tip_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(tip_filter)
 
 
 class FlowTrainingPlan(TrainingPlan):
