@@ -1,4 +1,4 @@
-"""Training plan of the flow stage."""
+"""Training helpers: the flow stage's plan and options, and a filter for Lightning's logs."""
 
 from __future__ import annotations
 
