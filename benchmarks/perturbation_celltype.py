@@ -57,11 +57,12 @@ Rows, all from this run and on the same split:
   perfect prediction scored against all the true cells would do somewhat better).
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
-[--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--predictions DIR] [--name NAME]
-[--device cpu|cuda]`` (``--jobs``: seeds in parallel processes; ``--predictions``: each
-seed's predicted cells of the ensemble rows are saved under ``DIR`` and the ensembles pool
-every seed saved there, so seeds run at different times can be pooled; data from
-``../shared/data`` or ``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json``
+[--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--predictions DIR [DIR ...]] [--pool-only]
+[--name NAME] [--device cpu|cuda]`` (``--jobs``: seeds in parallel processes;
+``--predictions``: each seed's predicted cells of the ensemble rows are saved under the
+first ``DIR`` and the ensembles pool every seed saved in any of them, so seeds run at
+different times can be pooled; ``--pool-only``: train nothing, only score the ensembles of
+the saved seeds; data from ``../shared/data`` or ``$LATENTCELL_DATA``). Writes ``results/perturbation_<dataset>.json``
 and ``.md`` (with the model keyword arguments in the name when given, e.g.
 ``perturbation_kang_n_latent64``; ``--name`` replaces the name).
 """
@@ -425,23 +426,31 @@ def save_predictions(directory: Path, seed: int, kept: dict) -> None:
             pred.write_h5ad(path)
 
 
-def load_saved_predictions(directory: Path, cell_types, skip=()) -> dict:
-    """Every seed saved under ``directory`` (but ``skip``) with all the ensemble rows.
+def load_saved_predictions(directories, cell_types, skip=()) -> dict:
+    """Every seed saved under ``directories`` (but ``skip``) with all the ensemble rows.
 
-    Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out.
+    Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out. A
+    seed saved in two of the folders is an error (they would be two different models).
     """
     rows = {r for rs in ENSEMBLES.values() for r in rs}
-    out = {}
-    for folder in sorted(Path(directory).glob("seed*")):
-        seed = int(folder.name[4:])
-        paths = {
-            (ct, r): _prediction_path(directory, seed, ct, r) for ct in cell_types for r in rows
-        }
-        if seed in skip or not all(p.exists() for p in paths.values()):
-            continue
-        out[seed] = {ct: {} for ct in cell_types}
-        for (ct, r), path in paths.items():
-            out[seed][ct][r] = ad.read_h5ad(path)
+    out, found_in = {}, {}
+    for directory in [directories] if isinstance(directories, str | Path) else directories:
+        for folder in sorted(Path(directory).glob("seed*")):
+            seed = int(folder.name[4:])
+            paths = {
+                (ct, r): _prediction_path(directory, seed, ct, r) for ct in cell_types for r in rows
+            }
+            if seed in skip or not all(p.exists() for p in paths.values()):
+                continue
+            if seed in found_in:
+                raise SystemExit(
+                    f"seed {seed} is saved in both {found_in[seed]} and {directory}; pool "
+                    "folders whose seeds differ"
+                )
+            found_in[seed] = directory
+            out[seed] = {ct: {} for ct in cell_types}
+            for (ct, r), path in paths.items():
+                out[seed][ct][r] = ad.read_h5ad(path)
     return out
 
 
@@ -482,7 +491,7 @@ def markdown(results: dict, cell_types: list[str]) -> str:
         )
 
     per = results["per_cell_type"].values()
-    for row in ROWS:
+    for row in ROWS if per else ():  # none with --pool-only
         if all(row in p[ct] for p in per for ct in cell_types):  # rows added later
             lines.append(line(row, [{ct: p[ct][row] for ct in cell_types} for p in per]))
     ensembles = results.get("ensembles", {})
@@ -520,12 +529,21 @@ def main(argv=None):
     )
     parser.add_argument(
         "--predictions",
+        nargs="+",
         default=None,
-        help="folder: save each seed's ensemble predictions there and pool every seed saved",
+        help="folders: save each seed's ensemble predictions in the first, and pool every seed "
+        "saved in any of them",
+    )
+    parser.add_argument(
+        "--pool-only",
+        action="store_true",
+        help="train nothing: score the ensembles of the seeds saved in --predictions",
     )
     parser.add_argument("--name", default=None, help="name of the results files")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
+    if args.pool_only and not args.predictions:
+        parser.error("--pool-only needs --predictions DIR [DIR ...]")
     import scvi
 
     accelerator = resolve_accelerator(parser, args)
@@ -550,9 +568,10 @@ def main(argv=None):
         "scvi_tools_version": scvi.__version__,
         "per_cell_type": {},
     }
-    jobs = [
-        (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs) for seed in args.seeds
-    ]
+    seeds = [] if args.pool_only else args.seeds
+    if args.pool_only:
+        results["seeds"] = []
+    jobs = [(adata, seed, cell_types, accelerator, args.quick, args.model_kwargs) for seed in seeds]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -563,10 +582,10 @@ def main(argv=None):
     else:
         done = [run_seed(*job) for job in jobs]
     kept = {}
-    for seed, (per, kept[seed]) in zip(args.seeds, done, strict=True):
+    for seed, (per, kept[seed]) in zip(seeds, done, strict=True):
         results["per_cell_type"][str(seed)] = per
         if args.predictions:
-            save_predictions(args.predictions, seed, kept[seed])
+            save_predictions(args.predictions[0], seed, kept[seed])
     if args.predictions:  # seeds saved by earlier runs join the ensembles
         kept.update(load_saved_predictions(args.predictions, cell_types, skip=set(kept)))
     if len(kept) > 1:

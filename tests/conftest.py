@@ -1,12 +1,8 @@
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 import latentcell as lc
-
-warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
 def pytest_runtest_setup(item):
