@@ -316,7 +316,9 @@ def score_pooled(preds: list, truth, control, seed: int) -> dict:
     return {**{k: float(scores[k]) for k in SCORES}, "energy": float(energy)}
 
 
-def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs=None) -> dict:
+def run_cell_type(
+    adata, cell_type, seed, accelerator, quick=False, model_kwargs=None, flow_epochs=None
+) -> dict:
     import scvi
 
     import latentcell as lc
@@ -334,7 +336,11 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
     )
     model = lc.LatentDiffusionModel(train, perturbation_residual=False, **(model_kwargs or {}))
     common = dict(accelerator=accelerator, enable_progress_bar=False, devices=1)
-    epochs = dict(max_epochs=2, perturbation_max_epochs=2) if quick else {}
+    epochs = (
+        dict(max_epochs=2, perturbation_max_epochs=2)
+        if quick
+        else dict(perturbation_max_epochs=flow_epochs)
+    )
     t0 = time.time()
     model.train(stage="vae", max_epochs=epochs.get("max_epochs"), **common)
     model.train(
@@ -395,13 +401,17 @@ def run_cell_type(adata, cell_type, seed, accelerator, quick=False, model_kwargs
     return out, kept
 
 
-def run_seed(adata, seed, cell_types, accelerator, quick=False, model_kwargs=None):
+def run_seed(
+    adata, seed, cell_types, accelerator, quick=False, model_kwargs=None, flow_epochs=None
+):
     """Every held-out cell type for one seed: ``(scores per cell type, kept predictions)``."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     per, kept = {}, {}
     for ct in cell_types:
-        per[ct], kept[ct] = run_cell_type(adata, ct, seed, accelerator, quick, model_kwargs)
+        per[ct], kept[ct] = run_cell_type(
+            adata, ct, seed, accelerator, quick, model_kwargs, flow_epochs
+        )
         row = per[ct]
         print(
             f"seed {seed} {ct}: "
@@ -574,6 +584,13 @@ def main(argv=None):
         default={},
         help="JSON keyword arguments of both models, e.g. '{\"n_latent\": 32}'",
     )
+    parser.add_argument(
+        "--perturbation-max-epochs",
+        dest="flow_epochs",
+        type=int,
+        default=None,
+        help="epochs of the perturbation flows (default: the model's, with early stopping)",
+    )
     parser.add_argument("--cell-types", nargs="+", default=None, help="a subset to hold out")
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)"
@@ -622,13 +639,17 @@ def main(argv=None):
         "dataset": args.dataset,
         "seeds": args.seeds,
         "model_kwargs": args.model_kwargs,
+        "perturbation_max_epochs": args.flow_epochs,
         "scvi_tools_version": scvi.__version__,
         "per_cell_type": {},
     }
     seeds = [] if args.pool_only else args.seeds
     if args.pool_only:
         results["seeds"] = []
-    jobs = [(adata, seed, cell_types, accelerator, args.quick, args.model_kwargs) for seed in seeds]
+    jobs = [
+        (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs, args.flow_epochs)
+        for seed in seeds
+    ]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -653,7 +674,7 @@ def main(argv=None):
     if not args.quick:
         name = args.name or f"perturbation_{args.dataset}" + "".join(
             f"_{k}{v}" for k, v in sorted(args.model_kwargs.items())
-        )
+        ) + (f"_perturbation_max_epochs{args.flow_epochs}" if args.flow_epochs else "")
         write_results(args.out, name, results, table)
     return results
 
