@@ -487,7 +487,7 @@ def ensemble_scores(adata, kept_by_seed: dict, cell_types, n_bootstrap: int = 0)
 
 
 def bootstrap_top100(preds: list, truth, control, n: int, seed: int = 0) -> np.ndarray:
-    """Top-100-DE R² of pooled ``preds`` with the cells of all three sets resampled ``n`` times.
+    """Top-100-DE R² of pooled ``preds``, held-out and predicted cells resampled ``n`` times.
 
     The measurement noise of a score on a few hundred held-out cells: the true perturbed and
     the predicted cells are each drawn with replacement and the squared Pearson correlation of
