@@ -440,14 +440,14 @@ def save_predictions(directory: Path, seed: int, kept: dict) -> None:
 
 
 def load_saved_predictions(directories, cell_types, skip=()) -> dict:
-    """Every seed saved under ``directories`` (but ``skip``) with all the ensemble rows.
+    """Every seed saved under the folders ``directories`` (but ``skip``) with all the ensemble rows.
 
     Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out. A
     seed saved in two of the folders is an error (they would be two different models).
     """
     rows = {r for rs in ENSEMBLES.values() for r in rs}
     out, found_in = {}, {}
-    for directory in [directories] if isinstance(directories, str | Path) else directories:
+    for directory in directories:
         for folder in sorted(Path(directory).glob("seed*")):
             seed = int(folder.name[4:])
             paths = {
@@ -636,18 +636,16 @@ def main(argv=None):
         if unknown:
             parser.error(f"--cell-types {unknown} not among {cell_types}")
         cell_types = [ct for ct in cell_types if ct in args.cell_types]
+    seeds = [] if args.pool_only else args.seeds
     results = {
         "protocol": __doc__,
         "dataset": args.dataset,
-        "seeds": args.seeds,
+        "seeds": seeds,
         "model_kwargs": args.model_kwargs,
         "perturbation_max_epochs": args.flow_epochs,
         "scvi_tools_version": scvi.__version__,
         "per_cell_type": {},
     }
-    seeds = [] if args.pool_only else args.seeds
-    if args.pool_only:
-        results["seeds"] = []
     jobs = [
         (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs, args.flow_epochs)
         for seed in seeds
