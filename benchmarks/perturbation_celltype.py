@@ -319,8 +319,13 @@ def score_pooled(preds: list, truth, control, seed: int) -> dict:
 
 
 def run_cell_type(
-    adata, cell_type, seed, accelerator, quick=False, model_kwargs=None, flow_epochs=None
+    adata, cell_type, seed, accelerator, quick=False, model_kwargs=None, flow_train=None
 ) -> dict:
+    """Scores of every row for one held-out cell type and seed, and the kept predictions.
+
+    ``flow_train``: keyword arguments of ``train(stage="perturbation")`` for both
+    perturbation flows (``perturbation_max_epochs``, ``perturbation_validation``).
+    """
     import scvi
 
     import latentcell as lc
@@ -338,18 +343,10 @@ def run_cell_type(
     )
     model = lc.LatentDiffusionModel(train, perturbation_residual=False, **(model_kwargs or {}))
     common = dict(accelerator=accelerator, enable_progress_bar=False, devices=1)
-    epochs = (
-        dict(max_epochs=2, perturbation_max_epochs=2)
-        if quick
-        else dict(perturbation_max_epochs=flow_epochs)
-    )
+    flow_train = {**(flow_train or {}), **(dict(perturbation_max_epochs=2) if quick else {})}
     t0 = time.time()
-    model.train(stage="vae", max_epochs=epochs.get("max_epochs"), **common)
-    model.train(
-        stage="perturbation",
-        perturbation_max_epochs=epochs.get("perturbation_max_epochs"),
-        **common,
-    )
+    model.train(stage="vae", max_epochs=2 if quick else None, **common)
+    model.train(stage="perturbation", **flow_train, **common)
     fit = time.time() - t0
 
     def flow_rows(unguided: str, prefix: str) -> dict:
@@ -363,14 +360,11 @@ def run_cell_type(
         }
 
     plain = flow_rows("latentcell, plain flow", "latentcell, plain flow")
+    selection = {"plain flow": model.perturbation_summary_.get("epoch_selection")}
     # the same VAE with the residual parameterisation of the perturbation flow
     model._perturbation_kwargs["residual"] = True
     model.module.perturbation_flow = PerturbationFlow(**model._perturbation_kwargs)
-    model.train(
-        stage="perturbation",
-        perturbation_max_epochs=epochs.get("perturbation_max_epochs"),
-        **common,
-    )
+    model.train(stage="perturbation", **flow_train, **common)
     preds = {
         "control as prediction": control,
         "mean shift": mean_shift_prediction(train, control, cell_type),
@@ -395,6 +389,9 @@ def run_cell_type(
         out[name] = score_pooled([preds[r] for r in rows], truth, control, seed)
     out[NULL_ROW] = real_vs_real(truth, control, seed)
     out["fit_seconds"] = fit
+    selection["residual flow"] = model.perturbation_summary_.get("epoch_selection")
+    if any(selection.values()):
+        out["epoch_selection"] = selection
     out["n_epochs"] = {
         "vae": len(model.history["elbo_train"]),
         "perturbation": len(model.history["perturbation_loss_train"]),
@@ -403,16 +400,14 @@ def run_cell_type(
     return out, kept
 
 
-def run_seed(
-    adata, seed, cell_types, accelerator, quick=False, model_kwargs=None, flow_epochs=None
-):
+def run_seed(adata, seed, cell_types, accelerator, quick=False, model_kwargs=None, flow_train=None):
     """Every held-out cell type for one seed: ``(scores per cell type, kept predictions)``."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     per, kept = {}, {}
     for ct in cell_types:
         per[ct], kept[ct] = run_cell_type(
-            adata, ct, seed, accelerator, quick, model_kwargs, flow_epochs
+            adata, ct, seed, accelerator, quick, model_kwargs, flow_train
         )
         row = per[ct]
         print(
@@ -593,6 +588,12 @@ def main(argv=None):
         default=None,
         help="epochs of the perturbation flows (default: the model's, with early stopping)",
     )
+    parser.add_argument(
+        "--perturbation-validation",
+        choices=("cells", "labels"),
+        default="cells",
+        help="how the perturbation flows choose their epochs (train(perturbation_validation=))",
+    )
     parser.add_argument("--cell-types", nargs="+", default=None, help="a subset to hold out")
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)"
@@ -643,11 +644,16 @@ def main(argv=None):
         "seeds": seeds,
         "model_kwargs": args.model_kwargs,
         "perturbation_max_epochs": args.flow_epochs,
+        "perturbation_validation": args.perturbation_validation,
         "scvi_tools_version": scvi.__version__,
         "per_cell_type": {},
     }
+    flow_train = dict(
+        perturbation_max_epochs=args.flow_epochs,
+        perturbation_validation=args.perturbation_validation,
+    )
     jobs = [
-        (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs, args.flow_epochs)
+        (adata, seed, cell_types, accelerator, args.quick, args.model_kwargs, flow_train)
         for seed in seeds
     ]
     if args.jobs > 1:
@@ -674,7 +680,9 @@ def main(argv=None):
     if not args.quick:
         name = args.name or f"perturbation_{args.dataset}" + "".join(
             f"_{k}{v}" for k, v in sorted(args.model_kwargs.items())
-        ) + (f"_perturbation_max_epochs{args.flow_epochs}" if args.flow_epochs else "")
+        ) + (f"_perturbation_max_epochs{args.flow_epochs}" if args.flow_epochs else "") + (
+            "_label_validation" if args.perturbation_validation == "labels" else ""
+        )
         write_results(args.out, name, results, table)
     return results
 

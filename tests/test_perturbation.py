@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -756,3 +757,92 @@ def test_residual_flow_starts_at_the_linear_shift():
     cond = torch.as_tensor(model._perturbation_vectors(["A"]))
     fitted = (cond @ flow.shift_weight).numpy()[0]
     assert np.corrcoef(shift, fitted)[0, 1] > 0.9
+
+
+# --------------------------------------------------------------------------- label validation
+@pytest.fixture(scope="module")
+def label_model():
+    """VAE plus a perturbation flow whose epochs were chosen on held-out labels."""
+    adata = _data(n_cells=300, n_genes=20, perturbations=("A", "B"), n_cell_types=3)
+    LDM.setup_anndata(adata, layer="counts", labels_key="cell_type", perturbation_key=KEY)
+    model = LDM(adata, **FAST_MODEL)
+    model.train(stage="vae", max_epochs=3, **_quiet_train())
+    model.vae_split = (np.copy(model.train_indices), np.copy(model.validation_indices))
+    model.train(
+        stage="perturbation",
+        perturbation_max_epochs=6,
+        perturbation_validation="labels",
+        **_quiet_train(),
+    )
+    return model
+
+
+def test_label_holdout_hides_every_perturbed_cell_of_the_chosen_labels(label_model):
+    model = label_model
+    # the selection fit does not leave its split behind as the model's
+    np.testing.assert_array_equal(model.train_indices, model.vae_split[0])
+    np.testing.assert_array_equal(model.validation_indices, model.vae_split[1])
+    labels, _ = model._perturbation_codes(model.adata)
+    is_control = labels == "ctrl"
+    train_idx = np.asarray(model.train_indices)
+    names, sel_train, sel_val = model._label_holdout(
+        model._perturbation_groups(model.adata), is_control, train_idx
+    )
+    cell_type = model.adata.obs["cell_type"].to_numpy()
+    assert len(names) == 1 and names[0] in set(cell_type)
+    np.testing.assert_array_equal(np.sort(np.r_[sel_train, sel_val]), np.sort(train_idx))
+    hidden = (cell_type == names[0]) & ~is_control
+    np.testing.assert_array_equal(np.sort(sel_val), np.sort(train_idx[hidden[train_idx]]))
+    # the held-out label's controls stay in training as sources
+    assert ((cell_type[sel_train] == names[0]) & is_control[sel_train]).any()
+
+
+def test_label_validation_selects_epochs_then_refits(label_model):
+    model = label_model
+    sel = model.perturbation_summary_["epoch_selection"]
+    assert set(sel) == {
+        "validation_labels",
+        "n_validation_cells",
+        "best_epoch",
+        "selection_epochs",
+        "refit_epochs",
+    }
+    curve = model.history["perturbation_selection_loss_validation"].to_numpy().ravel()
+    assert len(curve) == sel["selection_epochs"] == 6
+    assert sel["best_epoch"] == int(np.argmin(curve)) + 1
+    # the refit trains on all training cells (more per epoch), for as many steps
+    n_train, n_sel = len(model.train_indices), len(model.train_indices) - sel["n_validation_cells"]
+    steps = math.ceil(n_sel / 256) / math.ceil(n_train / 256)
+    assert sel["refit_epochs"] == max(1, round(sel["best_epoch"] * steps))
+    assert len(model.history["perturbation_loss_train"]) == sel["refit_epochs"]
+    assert model.trained_stages_ == ["vae", "perturbation"]
+    out = model.predict_perturbation(perturbation="A", **QUIET)
+    assert np.isfinite(out.layers["latentcell_mean"]).all()
+
+
+def test_label_validation_survives_save_load_and_is_dropped_on_retraining(label_model, tmp_path):
+    label_model.save(tmp_path / "m")
+    loaded = LDM.load(tmp_path / "m", adata=label_model.adata)
+    assert (
+        loaded.perturbation_summary_["epoch_selection"]
+        == label_model.perturbation_summary_["epoch_selection"]
+    )
+    loaded.train(stage="perturbation", perturbation_max_epochs=1, **_quiet_train())
+    assert "epoch_selection" not in loaded.perturbation_summary_
+    assert "perturbation_selection_loss_validation" not in loaded.history
+
+
+@pytest.mark.parametrize(
+    ("value", "n_types", "match"),
+    [
+        ("genes", 3, "perturbation_validation must be 'cells' or 'labels'"),
+        ("labels", 1, "needs at least two\\s+labels"),
+    ],
+)
+def test_label_validation_errors_before_training(value, n_types, match):
+    adata = _data(n_cells=90, n_genes=15, perturbations=("A",), n_cell_types=n_types)
+    LDM.setup_anndata(adata, layer="counts", labels_key="cell_type", perturbation_key=KEY)
+    model = LDM(adata, **FAST_MODEL)
+    with pytest.raises(ValueError, match=match):
+        model.train(max_epochs=1, perturbation_validation=value, **_quiet_train())
+    assert model.trained_stages_ == []

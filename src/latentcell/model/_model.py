@@ -670,6 +670,7 @@ class LatentDiffusionModel(
         max_epochs: int | None = None,
         flow_max_epochs: int | None = None,
         perturbation_max_epochs: int | None = None,
+        perturbation_validation: Literal["cells", "labels"] = "cells",
         joint_max_epochs: int = 30,
         joint_flow_weight: float = 1.0,
         accelerator: str = "auto",
@@ -724,6 +725,17 @@ class LatentDiffusionModel(
             Maximum epochs of the perturbation flow; default about ``max(3000, n_cells / 50)``
             optimisation steps. It shares ``flow_batch_size`` (default 256 pairs),
             ``flow_lr`` and ``flow_plan_kwargs`` with the latent flow.
+        perturbation_validation
+            How the perturbation flow's number of epochs is chosen. ``"cells"`` stops on the
+            flow-matching loss of the validation cells (the VAE's split), whose labels are
+            all seen perturbed in training. ``"labels"`` measures transfer instead: the
+            perturbed training cells of about a fifth of the labels (``labels_key``; at
+            least one) are held out, the flow is trained on the rest with early stopping
+            on their flow-matching loss, and then refit on all training cells for as many
+            optimisation steps as that loss needed to reach its minimum. Use it to predict
+            labels never seen perturbed (e.g. a held-out cell type); the curve is in
+            ``history["perturbation_selection_loss_validation"]`` and the choice in
+            ``perturbation_summary_["epoch_selection"]``. It costs one more (short) fit.
         accelerator, devices
             Passed to Lightning.
         train_size, validation_size
@@ -770,6 +782,18 @@ class LatentDiffusionModel(
             settings.seed = seed
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
             self._check_perturbation_data()
+            if perturbation_validation not in ("cells", "labels"):
+                raise ValueError(
+                    "perturbation_validation must be 'cells' or 'labels', got "
+                    f"{perturbation_validation!r}."
+                )
+            if perturbation_validation == "labels":  # fail before any training
+                labels, _ = self._perturbation_codes(self.adata)
+                self._label_holdout(
+                    self._perturbation_groups(self.adata),
+                    labels == self._perturbation_state()["control"],
+                    np.arange(self.adata.n_obs),
+                )
 
         def flow_options(max_epochs: int | None) -> FlowStageOptions:
             # fresh dicts per stage: the stages set their own defaults in them
@@ -824,7 +848,7 @@ class LatentDiffusionModel(
                 dict(trainer_kwargs),
             )
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
-            self._train_perturbation(flow_options(perturbation_max_epochs))
+            self._train_perturbation(flow_options(perturbation_max_epochs), perturbation_validation)
 
         if stage == "translation" or (stage is None and self.is_multimodal):
             self._train_translation(flow_options(flow_max_epochs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -182,7 +183,7 @@ class PerturbationMixin:
             )
 
     # ------------------------------------------------------------------ training
-    def _train_perturbation(self, opts) -> None:
+    def _train_perturbation(self, opts, validation: str = "cells") -> None:
         self._check_stage("vae", "train the perturbation flow")
         self._check_perturbation_data()
         state = self._perturbation_state()
@@ -190,16 +191,97 @@ class PerturbationMixin:
         self.module.vae.eval()
         z = torch.as_tensor(self._latent_means(adata, batch_size=1024))
         labels, doses = self._perturbation_codes(adata)
-        condition = torch.as_tensor(self._perturbation_vectors(labels, doses))
-        groups = self._perturbation_groups(adata)
-        perturbation_codes = pd.factorize(pd.Series(labels, dtype=object))[0]
-        is_control = labels == state["control"]
+        inputs = {
+            "z": z,
+            "condition": torch.as_tensor(self._perturbation_vectors(labels, doses)),
+            "groups": self._perturbation_groups(adata),
+            "perturbations": pd.factorize(pd.Series(labels, dtype=object))[0],
+            "is_control": labels == state["control"],
+        }
+        train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
+        self.perturbation_summary_.pop("epoch_selection", None)
+        if validation == "cells":
+            self._fit_perturbation_flow(inputs, train_idx, val_idx, opts)
+            return
+        # choose the number of epochs by transfer to labels never seen perturbed, then refit
+        held_labels, sel_train, sel_val = self._label_holdout(
+            inputs["groups"], inputs["is_control"], train_idx
+        )
+        hidden = np.zeros(adata.n_obs, dtype=bool)
+        hidden[sel_val] = True
+        try:
+            selection = self._fit_perturbation_flow(inputs, sel_train, sel_val, opts, hidden)
+        finally:  # scvi-tools' runner records the selection split as the model's split
+            self.train_indices, self.validation_indices = train_idx, val_idx
+        curve = self.stage_history_["perturbation"]["perturbation_loss_validation"]
+        curve = np.asarray(curve, dtype=float).ravel()
+        best = int(np.nanargmin(curve)) + 1
+        refit_steps = math.ceil(len(train_idx) / selection.batch_size)
+        n_epochs = max(1, round(best * selection.steps_per_epoch / refit_steps))
+        self.module.perturbation_flow = type(self.module.perturbation_flow)(
+            **self._perturbation_kwargs
+        ).to(self.module.perturbation_flow.latent_mean.device)
+        refit = dataclasses.replace(opts, max_epochs=n_epochs, early_stopping=False)
+        self._fit_perturbation_flow(inputs, train_idx, val_idx, refit)
+        self.stage_history_["perturbation"]["perturbation_selection_loss_validation"] = (
+            pd.DataFrame({"perturbation_selection_loss_validation": curve})
+        )
+        self.history_ = self._merged_history()
+        self.perturbation_summary_["epoch_selection"] = {
+            "validation_labels": held_labels,
+            "n_validation_cells": len(sel_val),
+            "best_epoch": best,
+            "selection_epochs": len(curve),
+            "refit_epochs": n_epochs,
+        }
+
+    def _label_holdout(self, groups: np.ndarray, is_control: np.ndarray, train_idx: np.ndarray):
+        """Hold out every perturbed training cell of randomly chosen labels.
+
+        Labels qualify when they have control and perturbed training cells in a common
+        group; about a fifth of them (at least one, leaving at least one) are held out.
+        Their controls stay in training, as sources.
+        """
+        codes = self._registered_codes(self.adata, programs=False)["labels"]
+        train_idx = np.asarray(train_idx)
+        ctrl, pert = train_idx[is_control[train_idx]], train_idx[~is_control[train_idx]]
+        shared = np.intersect1d(groups[ctrl], groups[pert])
+        candidates = np.unique(codes[pert][np.isin(groups[pert], shared)])
+        names = self.adata_manager.get_state_registry("labels").categorical_mapping
+        if len(candidates) < 2:
+            raise ValueError(
+                "perturbation_validation='labels' holds out the perturbed cells of some labels "
+                "to measure transfer to labels never seen perturbed, so it needs at least two "
+                "labels (labels_key) with both control and perturbed training cells; found "
+                f"{len(candidates)}. Use perturbation_validation='cells'."
+            )
+        rng = np.random.default_rng(settings.seed)
+        n_held = int(np.clip(round(len(candidates) / 5), 1, len(candidates) - 1))
+        held = np.sort(rng.choice(candidates, size=n_held, replace=False))
+        hide = np.isin(codes, held) & ~is_control
+        return (
+            [str(names[c]) for c in held],
+            train_idx[~hide[train_idx]],
+            train_idx[hide[train_idx]],
+        )
+
+    def _fit_perturbation_flow(
+        self,
+        inputs: dict,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        opts,
+        hidden: np.ndarray | None = None,
+    ) -> PairedLatentDataModule:
+        """Fit the perturbation flow on one split; ``hidden`` cells do not enter its shift."""
+        z, condition, groups = inputs["z"], inputs["condition"], inputs["groups"]
+        is_control = inputs["is_control"]
         flow = self.module.perturbation_flow
         flow.set_scaling(z.to(flow.latent_mean.device))
         if flow.residual:
             scaled = (z - flow.latent_mean.cpu()) / flow.latent_std.cpu()
             displacement = torch.zeros_like(scaled)
-            has_controls = np.zeros(len(labels), dtype=bool)
+            has_controls = np.zeros(len(groups), dtype=bool)
             for g in np.unique(groups[is_control]):
                 members = groups == g
                 ctrl = torch.as_tensor(members & is_control)
@@ -207,24 +289,28 @@ class PerturbationMixin:
                     ctrl
                 ].mean(0)
                 has_controls |= members
+            if hidden is not None:
+                has_controls &= ~hidden
             rows = torch.as_tensor(np.flatnonzero(has_controls))
             flow.set_shift(condition[rows], displacement[rows])
-        train_idx, val_idx = self._flow_split(adata.n_obs, opts.train_size, opts.validation_size)
         batch_size = opts.batch_size or 256
         data = PairedLatentDataModule(
             z,
             condition,
             groups,
-            perturbation_codes,
+            inputs["perturbations"],
             is_control,
             train_idx,
             val_idx,
             batch_size=batch_size,
             seed=settings.seed or 0,
         )
+        data.batch_size = batch_size
+        data.steps_per_epoch = max(1, math.ceil(data.train_set.n_pairs / batch_size))
         self._run_flow_stage(
             "perturbation", flow, data, data.train_set.n_pairs, 3000, batch_size, opts
         )
+        return data
 
     # ------------------------------------------------------------------ queries
     def _latent_shift(self, values: np.ndarray) -> np.ndarray:
