@@ -736,6 +736,8 @@ class LatentDiffusionModel(
             labels never seen perturbed (e.g. a held-out cell type); the curve is in
             ``history["perturbation_selection_loss_validation"]`` and the choice in
             ``perturbation_summary_["epoch_selection"]``. It costs one more (short) fit.
+            Kang 2018, held-out cell types, residual flow, seeds 5-6: mean top-100-DE R²
+            0.791 against 0.800 and energy distance 4.44 against 5.36 for ``"cells"``.
         accelerator, devices
             Passed to Lightning.
         train_size, validation_size
