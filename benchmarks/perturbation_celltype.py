@@ -58,13 +58,16 @@ Rows, all from this run and on the same split:
 
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
 [--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--predictions DIR [DIR ...]] [--pool-only]
-[--bootstrap 1000] [--perturbation-max-epochs 20] [--name NAME] [--device cpu|cuda]``
+[--bootstrap 1000] [--perturbation-max-epochs 20] [--perturbation-validation labels]
+[--name NAME] [--device cpu|cuda]``
 (``--jobs``: seeds in parallel processes; ``--predictions``: each seed's predicted cells of
 the ensemble rows are saved under the first ``DIR`` and the ensembles pool every seed saved
 in any of them, so seeds run at different times can be pooled; ``--pool-only``: train
 nothing, only score the ensembles of the saved seeds; ``--bootstrap N``: 95% intervals of
 the ensembles' top-100 R² from N resamples of the cells; ``--perturbation-max-epochs``:
-fixed epochs of both perturbation flows instead of early stopping; data from
+fixed epochs of both perturbation flows instead of early stopping;
+``--perturbation-validation labels``: both flows choose their epochs on held-out labels,
+``train(perturbation_validation="labels")``; data from
 ``../shared/data`` or ``$LATENTCELL_DATA``). Writes
 ``results/perturbation_<dataset>.json`` and ``.md`` (with the model keyword arguments in the
 name when given, e.g. ``perturbation_kang_n_latent64``; ``--name`` replaces the name).
