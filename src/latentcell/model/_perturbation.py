@@ -210,14 +210,15 @@ class PerturbationMixin:
         hidden = np.zeros(adata.n_obs, dtype=bool)
         hidden[sel_val] = True
         try:
-            selection = self._fit_perturbation_flow(inputs, sel_train, sel_val, opts, hidden)
+            self._fit_perturbation_flow(inputs, sel_train, sel_val, opts, hidden)
         finally:  # scvi-tools' runner records the selection split as the model's split
             self.train_indices, self.validation_indices = train_idx, val_idx
         curve = self.stage_history_["perturbation"]["perturbation_loss_validation"]
         curve = np.asarray(curve, dtype=float).ravel()
         best = int(np.nanargmin(curve)) + 1
-        refit_steps = math.ceil(len(train_idx) / selection.batch_size)
-        n_epochs = max(1, round(best * selection.steps_per_epoch / refit_steps))
+        batch_size = opts.batch_size or 256  # steps per epoch: one per batch of cells
+        steps = math.ceil(len(sel_train) / batch_size) / math.ceil(len(train_idx) / batch_size)
+        n_epochs = max(1, round(best * steps))
         self.module.perturbation_flow = type(self.module.perturbation_flow)(
             **self._perturbation_kwargs
         ).to(self.module.perturbation_flow.latent_mean.device)
@@ -272,7 +273,7 @@ class PerturbationMixin:
         val_idx: np.ndarray,
         opts,
         hidden: np.ndarray | None = None,
-    ) -> PairedLatentDataModule:
+    ) -> None:
         """Fit the perturbation flow on one split; ``hidden`` cells do not enter its shift."""
         z, condition, groups = inputs["z"], inputs["condition"], inputs["groups"]
         is_control = inputs["is_control"]
@@ -305,12 +306,9 @@ class PerturbationMixin:
             batch_size=batch_size,
             seed=settings.seed or 0,
         )
-        data.batch_size = batch_size
-        data.steps_per_epoch = max(1, math.ceil(data.train_set.n_pairs / batch_size))
         self._run_flow_stage(
             "perturbation", flow, data, data.train_set.n_pairs, 3000, batch_size, opts
         )
-        return data
 
     # ------------------------------------------------------------------ queries
     def _latent_shift(self, values: np.ndarray) -> np.ndarray:
