@@ -783,19 +783,7 @@ class LatentDiffusionModel(
         if seed is not None:
             settings.seed = seed
         if stage == "perturbation" or (stage is None and self._perturbation_state()):
-            self._check_perturbation_data()
-            if perturbation_validation not in ("cells", "labels"):
-                raise ValueError(
-                    "perturbation_validation must be 'cells' or 'labels', got "
-                    f"{perturbation_validation!r}."
-                )
-            if perturbation_validation == "labels":  # fail before any training
-                labels, _ = self._perturbation_codes(self.adata)
-                self._label_holdout(
-                    self._perturbation_groups(self.adata),
-                    labels == self._perturbation_state()["control"],
-                    np.arange(self.adata.n_obs),
-                )
+            self._check_perturbation_data(perturbation_validation)
 
         def flow_options(max_epochs: int | None) -> FlowStageOptions:
             # fresh dicts per stage: the stages set their own defaults in them

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from latentcell._constants import DOSE_FIELD, LATENT_KEY, MEAN_LAYER, PERTURBATION_FIELD
 from latentcell.model._data import PairedLatentDataModule
 from latentcell.model._validation import check_registered_obs
-from latentcell.module import SAMPLER_METHODS
+from latentcell.module import SAMPLER_METHODS, PerturbationFlow
 
 #: ``obs`` column of predicted cells naming the input cell each prediction came from.
 SOURCE_CELL_KEY = "source_cell"
@@ -158,8 +158,12 @@ class PerturbationMixin:
         n_batch = int(self.summary_stats.n_batch)
         return codes["labels"].astype(np.int64) * n_batch + codes["batch"].astype(np.int64)
 
-    def _check_perturbation_data(self) -> None:
+    def _check_perturbation_data(self, validation: str = "cells") -> None:
         """Fail before any training when the perturbation stage would have nothing to learn."""
+        if validation not in ("cells", "labels"):
+            raise ValueError(
+                f"perturbation_validation must be 'cells' or 'labels', got {validation!r}."
+            )
         state = self._perturbation_state()
         if state is None:
             raise ValueError(
@@ -181,11 +185,13 @@ class PerturbationMixin:
                 "nothing to learn from: each perturbed cell is paired with controls of its own "
                 "label and batch. Check labels_key/batch_key."
             )
+        if validation == "labels":
+            self._label_holdout(groups, control, np.arange(len(labels)))
 
     # ------------------------------------------------------------------ training
     def _train_perturbation(self, opts, validation: str = "cells") -> None:
         self._check_stage("vae", "train the perturbation flow")
-        self._check_perturbation_data()
+        self._check_perturbation_data(validation)
         state = self._perturbation_state()
         adata = self.adata
         self.module.vae.eval()
@@ -219,9 +225,9 @@ class PerturbationMixin:
         batch_size = opts.batch_size or 256  # steps per epoch: one per batch of cells
         steps = math.ceil(len(sel_train) / batch_size) / math.ceil(len(train_idx) / batch_size)
         n_epochs = max(1, round(best * steps))
-        self.module.perturbation_flow = type(self.module.perturbation_flow)(
-            **self._perturbation_kwargs
-        ).to(self.module.perturbation_flow.latent_mean.device)
+        self.module.perturbation_flow = PerturbationFlow(**self._perturbation_kwargs).to(
+            self.module.device
+        )
         refit = dataclasses.replace(opts, max_epochs=n_epochs, early_stopping=False)
         self._fit_perturbation_flow(inputs, train_idx, val_idx, refit)
         self.stage_history_["perturbation"]["perturbation_selection_loss_validation"] = (
