@@ -301,8 +301,15 @@ def _bare(pred: ad.AnnData) -> ad.AnnData:
     return ad.AnnData(X=pred.X, var=pd.DataFrame(index=pred.var_names.copy()))
 
 
-def score_pooled(preds: list, truth, control, seed: int) -> dict:
-    """Scores of several predictions pooled into one (their cells concatenated).
+def pool_predictions(preds: list) -> ad.AnnData:
+    """Several predictions as one: their cells concatenated, counts and gene names only."""
+    pooled = ad.concat([_bare(p) for p in preds])
+    pooled.obs_names = [f"c{i}" for i in range(pooled.n_obs)]
+    return pooled
+
+
+def score_pooled(pooled: ad.AnnData, truth, control, seed: int) -> dict:
+    """Scores of several predictions pooled into one (:func:`pool_predictions`).
 
     Mean-expression scores use every pooled cell. The energy distance is computed on a
     random subset of as many cells as there are controls (one prediction's size), because
@@ -311,8 +318,6 @@ def score_pooled(preds: list, truth, control, seed: int) -> dict:
     """
     import latentcell as lc
 
-    pooled = ad.concat([_bare(p) for p in preds])
-    pooled.obs_names = [f"c{i}" for i in range(pooled.n_obs)]
     scores = lc.metrics.score_perturbation(pooled, truth, control, k=100, seed=seed)
     subset = np.random.default_rng(seed).choice(pooled.n_obs, control.n_obs, replace=False)
     energy = lc.metrics.score_perturbation(
@@ -389,7 +394,7 @@ def run_cell_type(
         scores = lc.metrics.score_perturbation(pred, truth, control, k=100, seed=seed)
         out[name] = {k: float(scores[k]) for k in SCORES}
     for name, rows in POOLED.items():
-        out[name] = score_pooled([preds[r] for r in rows], truth, control, seed)
+        out[name] = score_pooled(pool_predictions([preds[r] for r in rows]), truth, control, seed)
     out[NULL_ROW] = real_vs_real(truth, control, seed)
     out["fit_seconds"] = fit
     selection["residual flow"] = model.perturbation_summary_.get("epoch_selection")
@@ -476,16 +481,18 @@ def ensemble_scores(adata, kept_by_seed: dict, cell_types, n_bootstrap: int = 0)
         truth, _, _, control = held_out_split(adata, ct)
         out[ct] = {}
         for name, rows in ENSEMBLES.items():
-            preds = [kept_by_seed[s][ct][r] for s in sorted(kept_by_seed) for r in rows]
-            out[ct][name] = score_pooled(preds, truth, control, seed=0)
+            pooled = pool_predictions(
+                [kept_by_seed[s][ct][r] for s in sorted(kept_by_seed) for r in rows]
+            )
+            out[ct][name] = score_pooled(pooled, truth, control, seed=0)
             if n_bootstrap:
-                draws = bootstrap_top100(preds, truth, control, n_bootstrap, seed=0)
+                draws = bootstrap_top100(pooled, truth, control, n_bootstrap, seed=0)
                 out[ct][name]["r2_pearson_top100_ci"] = np.quantile(draws, [0.025, 0.975]).tolist()
     return out
 
 
-def bootstrap_top100(preds: list, truth, control, n: int, seed: int = 0) -> np.ndarray:
-    """Top-100-DE R² of pooled ``preds``, held-out and predicted cells resampled ``n`` times.
+def bootstrap_top100(pooled: ad.AnnData, truth, control, n: int, seed: int = 0) -> np.ndarray:
+    """Top-100-DE R² of pooled predictions (:func:`pool_predictions`), cells resampled ``n`` times.
 
     The measurement noise of a score on a few hundred held-out cells: the true perturbed and
     the predicted cells are each drawn with replacement and the squared Pearson correlation of
@@ -500,8 +507,7 @@ def bootstrap_top100(preds: list, truth, control, n: int, seed: int = 0) -> np.n
 
     genes = truth.var_names
     top = genes.get_indexer(lc.metrics.top_de_genes(control, truth, k=100))
-    pooled = ad.concat([_bare(p) for p in preds])[:, genes]
-    mats = [_log_norm(a.X)[:, top] for a in (pooled, truth)]
+    mats = [_log_norm(a.X)[:, top] for a in (pooled[:, genes], truth)]
     rng = np.random.default_rng(seed)
     out = np.empty(n + 1)
     for b in range(n + 1):
