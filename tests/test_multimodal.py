@@ -318,6 +318,11 @@ def test_loss_masks_cells_without_protein(likelihood):
     assert torch.all(prot[:5] == 0)
     assert torch.all(prot[5:] > 0)
     assert torch.all(rec["reconstruction_loss_rna"].detach() > 0)
+    # the logged likelihood is per cell that measured the modality, not diluted by the others
+    torch.testing.assert_close(loss.extra_metrics["nll_protein"], prot[5:].mean())
+    torch.testing.assert_close(
+        loss.extra_metrics["nll_rna"], rec["reconstruction_loss_rna"].detach().mean()
+    )
     # the decoder would give zero counts a non-trivial likelihood: the zero comes from the mask
     assert torch.all(gen["px"]["protein"].log_prob(tensors["protein_expression"])[:5].sum(-1) < 0)
 

@@ -350,9 +350,11 @@ class MultiModalVAE(BaseModuleClass):
             target = x[name].to(inference_outputs["z"].device)
             if self.likelihoods[name] == "bernoulli":
                 target = (target > 0).float()
-            nll = -px[name].log_prob(target).sum(-1) * observed[name].float()
+            measured = observed[name].float()
+            nll = -px[name].log_prob(target).sum(-1) * measured
             reconstruction[f"reconstruction_loss_{name}"] = nll
-            extra[f"nll_{name}"] = nll.mean().detach()
+            # per cell that measured the modality: cells without it would dilute the mean
+            extra[f"nll_{name}"] = (nll.sum() / measured.sum().clamp_min(1.0)).detach()
         # what early stopping of a multi-modal VAE watches: the modalities after the first
         extra["nll_secondary"] = sum(extra[f"nll_{name}"] for name in self.names[1:])
         qz = inference_outputs["qz"]
