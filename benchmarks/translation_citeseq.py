@@ -34,8 +34,9 @@ issue's evaluation space (:func:`latentcell.metrics.evaluate_generation`), besid
 real-vs-real null (:func:`latentcell.metrics.real_vs_real_null`).
 
 Usage: ``python benchmarks/translation_citeseq.py [--seeds 0 1 2] [--device cpu|cuda]
-[--quick] [--datasets 10x ECCITE] [--merge earlier.json ...]``. Writes
-``results/translation_citeseq.json`` and ``.md``.
+[--quick] [--datasets 10x ECCITE] [--merge earlier.json ...] [--model-kwargs JSON]
+[--name NAME]``. Writes ``results/<NAME>.json`` and ``.md`` (default
+``translation_citeseq``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,17 @@ def energy_null(truth: np.ndarray, seed: int, n_repeats: int = 5) -> float:
 
 
 def run_latentcell(
-    rna, prot, genes, train_idx, held_idx, seed, accelerator, likelihood, quick, transductive
+    rna,
+    prot,
+    genes,
+    train_idx,
+    held_idx,
+    seed,
+    accelerator,
+    likelihood,
+    quick,
+    transductive,
+    model_kwargs=None,
 ):
     import mudata
     import scvi
@@ -152,7 +163,7 @@ def run_latentcell(
         )
     scvi.settings.seed = seed
     lc.LatentDiffusionModel.setup_mudata(mdata, modalities={"rna": "rna", "protein": "prot"})
-    model = lc.LatentDiffusionModel(mdata, protein_likelihood=likelihood)
+    model = lc.LatentDiffusionModel(mdata, protein_likelihood=likelihood, **(model_kwargs or {}))
     epochs = dict(max_epochs=3, flow_max_epochs=3) if quick else {}
     t0 = time.time()
     model.train(accelerator=accelerator, devices=1, enable_progress_bar=False, **epochs)
@@ -236,19 +247,26 @@ def generation_scores(model, rna, prot, genes, held_idx, seed) -> dict:
     return out
 
 
-def run(dataset: str, seed: int, accelerator: str, quick: bool, mixture: bool = True) -> dict:
+def run(
+    dataset: str,
+    seed: int,
+    accelerator: str,
+    quick: bool,
+    mixture: bool = True,
+    model_kwargs: dict | None = None,
+) -> dict:
     rna, prot = load(DATASETS[dataset])
     train_idx, held_idx = split(rna.n_obs, seed)
     genes = hvgs(rna, train_idx)
     truth = np.log1p(_dense(prot.X))[held_idx]
     preds = {}
     args = (rna, prot, genes, train_idx, held_idx, seed, accelerator)
-    lc_nb = run_latentcell(*args, "nb", quick, transductive=True)
+    lc_nb = run_latentcell(*args, "nb", quick, True, model_kwargs)
     preds["latentcell (flow)"] = lc_nb["flow"]
     preds["latentcell (encoder)"] = lc_nb["encoder"]
-    lc_ind = run_latentcell(*args, "nb", quick, transductive=False)
+    lc_ind = run_latentcell(*args, "nb", quick, False, model_kwargs)
     preds["latentcell (flow, held-out cells unseen)"] = lc_ind["flow"]
-    lc_mix = run_latentcell(*args, "nb_mixture", quick, transductive=True) if mixture else None
+    lc_mix = run_latentcell(*args, "nb_mixture", quick, True, model_kwargs) if mixture else None
     if lc_mix is not None:
         preds["latentcell (nb_mixture, flow)"] = lc_mix["flow"]
     t0 = time.time()
@@ -355,6 +373,14 @@ def main(argv=None):
         default=[],
         help="JSON results of earlier runs (other seeds) to merge into the table",
     )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON keyword arguments of every latentcell model, e.g. "
+        '\'{"use_batch_norm": "decoder", "use_layer_norm": "encoder"}\'',
+    )
+    parser.add_argument("--name", default="translation_citeseq", help="results file name")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     accelerator = resolve_accelerator(parser, args)
@@ -365,12 +391,17 @@ def main(argv=None):
         print(f"skipped: {DATA_DIR / 'citeseq'} not found (set LATENTCELL_DATA)")
         return {}
     chosen = [d for d in DATASETS if args.datasets is None or any(k in d for k in args.datasets)]
-    results = {"protocol": __doc__, "seeds": args.seeds if chosen else [], "per_dataset": {}}
+    results = {
+        "protocol": __doc__,
+        "model_kwargs": args.model_kwargs,
+        "seeds": args.seeds if chosen else [],
+        "per_dataset": {},
+    }
     for dataset in chosen:
         results["per_dataset"][dataset] = {}
         for seed in args.seeds:
             mixture = args.mixture_seeds is None or seed in args.mixture_seeds
-            res = run(dataset, seed, accelerator, args.quick, mixture=mixture)
+            res = run(dataset, seed, accelerator, args.quick, mixture, args.model_kwargs)
             results["per_dataset"][dataset][str(seed)] = res
             print(
                 f"{dataset} seed {seed}: "
@@ -387,7 +418,7 @@ def main(argv=None):
     table = markdown(results)
     print(table)
     if not args.quick:
-        write_results(args.out, "translation_citeseq", results, table)
+        write_results(args.out, args.name, results, table)
     return results
 
 

@@ -863,3 +863,55 @@ def test_elbo_and_reconstruction_error_of_a_mudata_model(mm):
     assert mm.get_elbo(return_mean=False).shape == (mm.adata.n_obs,)
     with pytest.raises(ValueError, match="RNA-only models; use get_elbo"):
         mm.get_marginal_ll()
+
+
+def test_layer_norm_encoders_encode_each_cell_on_its_own(tmp_path):
+    """``use_layer_norm="encoder"``: no batch statistics in the encoders, so in training mode
+    a cell's posterior does not depend on the cells batched with it (RNA-only cells included)."""
+    with pytest.raises(ValueError, match="use_layer_norm must be one of"):
+        MultiModalVAE([("rna", "X", 5, "nb"), ("protein", "p", 3, "nb")], use_layer_norm="all")
+    torch.manual_seed(0)
+    specs = [("rna", "X", 20, "nb"), ("protein", "protein_expression", 6, "nb")]
+    module = MultiModalVAE(
+        specs,
+        n_batch=2,
+        n_latent=4,
+        n_hidden=16,
+        modality_dropout=0.0,
+        dropout_rate=0.0,
+        use_batch_norm="decoder",
+        use_layer_norm="encoder",
+    )
+
+    def kinds(part):
+        return {type(m).__name__ for m in part.modules()} & {"BatchNorm1d", "LayerNorm"}
+
+    for name in module.names:
+        assert kinds(module.encoders[name]) == {"LayerNorm"}
+        assert kinds(module.decoders[name]) == {"BatchNorm1d"}
+    complete = _tensors(n=32, seed=3)
+    rna_only = _tensors(n=16, seed=4, n_missing_protein=16)
+    mixed = {k: torch.cat([complete[k], rna_only[k]]) for k in complete}
+    module.train()
+    torch.testing.assert_close(_qz(module, mixed).loc[:32], _qz(module, complete).loc)
+    # the default (batch norm everywhere) does depend on the batch in training mode
+    default = _module(modality_dropout=0.0)
+    default.train()
+    assert not torch.allclose(_qz(default, mixed).loc[:32], _qz(default, complete).loc)
+
+    # through the model: accepted, trained, saved and loaded with the same layers
+    md, _, _ = _mdata(n_cells=60, seed=2, n_missing_protein=10)
+    LDM.setup_mudata(md, modalities=RNA2PROT, batch_key="batch")
+    with pytest.raises(ValueError, match="only use_batch_norm and use_layer_norm"):
+        LDM(md, use_layer_norm="encoder", encode_covariates=True, **FAST_MODEL)
+    scvi.settings.seed = 0
+    model = LDM(md, use_batch_norm="decoder", use_layer_norm="encoder", **FAST_MODEL)
+    assert kinds(model.module.vae.encoders["rna"]) == {"LayerNorm"}
+    model.train(max_epochs=2, flow_max_epochs=2, seed=0, **QUIET)
+    model.save(tmp_path / "m")
+    loaded = LDM.load(tmp_path / "m", adata=md)
+    assert kinds(loaded.module.vae.encoders["protein"]) == {"LayerNorm"}
+    _same(
+        loaded.translate(indices=[0, 1, 2], seed=1, **FAST),
+        model.translate(indices=[0, 1, 2], seed=1, **FAST),
+    )

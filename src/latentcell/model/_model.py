@@ -209,7 +209,9 @@ class LatentDiffusionModel(
         with their neighbourhood seen from the edge of a random simulated hole, as it is
         seen inside a region to impute (:meth:`impute_region`).
     **vae_kwargs
-        Further keyword arguments of :class:`scvi.module.VAE`.
+        Further keyword arguments of :class:`scvi.module.VAE`. MuData models take
+        ``use_batch_norm`` and ``use_layer_norm`` (``"encoder"``, ``"decoder"``, ``"both"``,
+        ``"none"``; default batch norm in both, as scVI) and no others.
 
     Examples
     --------
@@ -277,11 +279,12 @@ class LatentDiffusionModel(
                 raise ValueError(
                     f"protein_likelihood must be 'nb' or 'nb_mixture', got {protein_likelihood!r}."
                 )
-            if gene_likelihood != "nb" or dispersion != "gene" or vae_kwargs:
+            other = sorted(set(vae_kwargs) - {"use_batch_norm", "use_layer_norm"})
+            if gene_likelihood != "nb" or dispersion != "gene" or other:
                 raise ValueError(
-                    "MuData models use gene_likelihood='nb' and dispersion='gene' and take no "
-                    f"scvi VAE keyword arguments (got {gene_likelihood!r}, {dispersion!r}, "
-                    f"{sorted(vae_kwargs)})."
+                    "MuData models use gene_likelihood='nb' and dispersion='gene' and take, of "
+                    "scvi VAE keyword arguments, only use_batch_norm and use_layer_norm (got "
+                    f"{gene_likelihood!r}, {dispersion!r}, {other})."
                 )
             vae = MultiModalVAE(
                 self._multimodal_specs(protein_likelihood),
@@ -293,6 +296,7 @@ class LatentDiffusionModel(
                 n_continuous_cov=n_cont,
                 n_cats_per_cov=n_cats_per_cov,
                 modality_dropout=modality_dropout,
+                **vae_kwargs,
             )
         else:
             vae = VAE(

@@ -19,6 +19,8 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 ModalityLikelihood = Literal["nb", "nb_mixture", "bernoulli"]
 MODALITY_LIKELIHOODS = ("nb", "nb_mixture", "bernoulli")
+#: Where a normalisation applies, scvi-tools' spelling (``use_batch_norm`` / ``use_layer_norm``).
+NORM_PLACES = ("encoder", "decoder", "both", "none")
 #: Smallest and largest log-variance of an encoder expert (keeps the product finite).
 _LOGVAR_RANGE = (-12.0, 8.0)
 
@@ -26,7 +28,9 @@ _LOGVAR_RANGE = (-12.0, 8.0)
 class _Expert(nn.Module):
     """Encoder of one modality: a Gaussian expert ``(mean, log-variance)`` over the latent."""
 
-    def __init__(self, n_input, n_latent, n_cat_list, n_cont, n_hidden, n_layers, dropout):
+    def __init__(
+        self, n_input, n_latent, n_cat_list, n_cont, n_hidden, n_layers, dropout, norm=(True, False)
+    ):
         super().__init__()
         self.net = FCLayers(
             n_input + n_cont,
@@ -35,6 +39,8 @@ class _Expert(nn.Module):
             n_layers=n_layers,
             n_hidden=n_hidden,
             dropout_rate=dropout,
+            use_batch_norm=norm[0],
+            use_layer_norm=norm[1],
         )
         self.mean = nn.Linear(n_hidden, n_latent)
         self.logvar = nn.Linear(n_hidden, n_latent)
@@ -48,7 +54,16 @@ class _ModalityDecoder(nn.Module):
     """Decoder of one modality: the parameters of its likelihood at a latent ``z``."""
 
     def __init__(
-        self, n_output, likelihood, use_library, n_latent, n_cat_list, n_cont, n_hidden, n_layers
+        self,
+        n_output,
+        likelihood,
+        use_library,
+        n_latent,
+        n_cat_list,
+        n_cont,
+        n_hidden,
+        n_layers,
+        norm=(True, False),
     ):
         super().__init__()
         self.likelihood = likelihood
@@ -60,6 +75,8 @@ class _ModalityDecoder(nn.Module):
             n_layers=n_layers,
             n_hidden=n_hidden,
             dropout_rate=0.0,
+            use_batch_norm=norm[0],
+            use_layer_norm=norm[1],
         )
         self.head = nn.Linear(n_hidden, n_output)
         if likelihood in ("nb", "nb_mixture"):
@@ -127,6 +144,12 @@ class MultiModalVAE(BaseModuleClass):
     modality_dropout
         Fraction of training cells with two or more measured modalities whose encoder sees
         one of them hidden (chosen uniformly).
+    use_batch_norm, use_layer_norm
+        Where the hidden layers use batch normalisation and layer normalisation:
+        ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"`` (scvi-tools' spelling and
+        meaning). Batch-norm statistics are shared by every cell of a batch, so in the
+        encoders they let cells measured in fewer modalities shift the encoding of the
+        others; layer normalisation works per cell.
     """
 
     def __init__(
@@ -140,8 +163,17 @@ class MultiModalVAE(BaseModuleClass):
         n_continuous_cov: int = 0,
         n_cats_per_cov: Sequence[int] | None = None,
         modality_dropout: float = 0.3,
+        use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both",
+        use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
     ):
         super().__init__()
+        for arg, value in (("use_batch_norm", use_batch_norm), ("use_layer_norm", use_layer_norm)):
+            if value not in NORM_PLACES:
+                raise ValueError(f"{arg} must be one of {NORM_PLACES}, got {value!r}.")
+
+        def norm(part: str) -> tuple[bool, bool]:
+            return tuple(v in (part, "both") for v in (use_batch_norm, use_layer_norm))
+
         if len(modalities) < 2:
             raise ValueError("MultiModalVAE needs at least two modalities.")
         for name, _, _, likelihood in modalities:
@@ -165,7 +197,14 @@ class MultiModalVAE(BaseModuleClass):
         self.encoders = nn.ModuleDict(
             {
                 name: _Expert(
-                    n, n_latent, cat_list, n_continuous_cov, n_hidden, n_layers, dropout_rate
+                    n,
+                    n_latent,
+                    cat_list,
+                    n_continuous_cov,
+                    n_hidden,
+                    n_layers,
+                    dropout_rate,
+                    norm("encoder"),
                 )
                 for name, _, n, _ in modalities
             }
@@ -181,6 +220,7 @@ class MultiModalVAE(BaseModuleClass):
                     n_continuous_cov,
                     n_hidden,
                     n_layers,
+                    norm("decoder"),
                 )
                 for i, (name, _, n, likelihood) in enumerate(modalities)
             }
