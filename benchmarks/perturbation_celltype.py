@@ -59,12 +59,15 @@ Rows, all from this run and on the same split:
 Usage: ``python benchmarks/perturbation_celltype.py [--dataset kang|tal1] [--seeds 0 1 2]
 [--model-kwargs '{"n_latent": 64}'] [--jobs 3] [--predictions DIR [DIR ...]] [--pool-only]
 [--bootstrap 1000] [--perturbation-max-epochs 20] [--perturbation-validation labels]
-[--name NAME] [--device cpu|cuda]``
+[--merge PART.json ...] [--name NAME] [--device cpu|cuda]``
 (``--jobs``: seeds in parallel processes; ``--predictions``: each seed's predicted cells of
 the ensemble rows are saved under the first ``DIR`` and the ensembles pool every seed saved
 in any of them, so seeds run at different times can be pooled; ``--pool-only``: train
 nothing, only score the ensembles of the saved seeds; ``--bootstrap N``: 95% intervals of
-the ensembles' top-100 R² from N resamples of the cells; ``--perturbation-max-epochs``:
+the ensembles' top-100 R² from N resamples of the cells; ``--merge``: the per-seed scores
+of earlier runs with the same settings join the table, so a run split into parts
+(``--seeds S --cell-types X``) can be put together with ``--pool-only --merge``;
+``--perturbation-max-epochs``:
 fixed epochs of both perturbation flows instead of early stopping;
 ``--perturbation-validation labels``: both flows choose their epochs on held-out labels,
 ``train(perturbation_validation="labels")``; data from
@@ -445,8 +448,9 @@ def save_predictions(directory: Path, seed: int, kept: dict) -> None:
 def load_saved_predictions(directories, cell_types, skip=()) -> dict:
     """Every seed saved under the folders ``directories`` (but ``skip``) with all the ensemble rows.
 
-    Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out. A
-    seed saved in two of the folders is an error (they would be two different models).
+    Returns ``{seed: {cell type: {row: AnnData}}}``; seeds missing a file are left out, with
+    a line naming what is missing. A seed saved in two of the folders is an error (they would
+    be two different models).
     """
     rows = {r for rs in ENSEMBLES.values() for r in rs}
     out, found_in = {}, {}
@@ -456,7 +460,11 @@ def load_saved_predictions(directories, cell_types, skip=()) -> dict:
             paths = {
                 (ct, r): _prediction_path(directory, seed, ct, r) for ct in cell_types for r in rows
             }
-            if seed in skip or not all(p.exists() for p in paths.values()):
+            if seed in skip:
+                continue
+            missing = sorted({f"{ct}: {r}" for (ct, r), p in paths.items() if not p.exists()})
+            if missing:
+                print(f"seed {seed} in {directory} left out of the ensembles, missing {missing}")
                 continue
             if seed in found_in:
                 raise SystemExit(
@@ -468,6 +476,38 @@ def load_saved_predictions(directories, cell_types, skip=()) -> dict:
             for (ct, r), path in paths.items():
                 out[seed][ct][r] = ad.read_h5ad(path)
     return out
+
+
+def merge_results(results: dict, paths, cell_types) -> None:
+    """Add the per-seed scores of earlier runs (``--merge``) to ``results``, in place.
+
+    The runs must share the dataset and model settings. Each (seed, cell type) may come from
+    one file only, and every seed must end up with every cell type of this run, so that a run
+    split into parts (``--seeds S --cell-types X``) gives the same table as the whole run.
+    """
+    same = ("dataset", "model_kwargs", "perturbation_max_epochs", "perturbation_validation")
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for key in same:
+            if part.get(key) != results[key]:
+                raise SystemExit(
+                    f"--merge {path}: {key} is {part.get(key)!r} where this run's is "
+                    f"{results[key]!r}; merge only runs with the same settings"
+                )
+        for seed, per in part["per_cell_type"].items():
+            merged = results["per_cell_type"].setdefault(seed, {})
+            for ct in set(per) & set(cell_types):
+                if ct in merged:
+                    raise SystemExit(f"--merge: seed {seed}, {ct} is scored twice; {path}")
+                merged[ct] = per[ct]
+    for seed, per in results["per_cell_type"].items():
+        missing = [ct for ct in cell_types if ct not in per]
+        if missing:
+            raise SystemExit(
+                f"--merge: seed {seed} has no scores for {missing}; add the results files of "
+                "the runs that have them, or pass --cell-types"
+            )
+    results["seeds"] = sorted(int(s) for s in results["per_cell_type"])
 
 
 def ensemble_scores(adata, kept_by_seed: dict, cell_types, n_bootstrap: int = 0) -> dict:
@@ -619,6 +659,13 @@ def main(argv=None):
         action="store_true",
         help="train nothing: score the ensembles of the seeds saved in --predictions",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="results .json files of earlier runs with the same settings (e.g. one per "
+        "--seeds/--cell-types part): their per-seed scores join this run's table",
+    )
     parser.add_argument("--name", default=None, help="name of the results files")
     parser.add_argument(
         "--bootstrap",
@@ -681,6 +728,8 @@ def main(argv=None):
             save_predictions(args.predictions[0], seed, kept[seed])
     if args.predictions:  # seeds saved by earlier runs join the ensembles
         kept.update(load_saved_predictions(args.predictions, cell_types, skip=set(kept)))
+    if args.merge:
+        merge_results(results, args.merge, cell_types)
     if len(kept) > 1:
         results["ensemble_seeds"] = sorted(kept)
         results["ensembles"] = ensemble_scores(adata, kept, cell_types, args.bootstrap)
