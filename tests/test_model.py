@@ -24,6 +24,22 @@ def test_setup_registers_and_writes_only_registry_fields(synthetic):
     assert model.module.flow.condition.n_cats_per_attr == [3, 2]
 
 
+def test_setup_on_a_copy_keeps_the_originals_registration(synthetic):
+    # a copy keeps uns["_scvi_uuid"]; registered under it, scvi-tools would replace the
+    # original's registration and refuse models on the original ("Did you make a copy?")
+    LDM.setup_anndata(synthetic, layer="counts", labels_key="cell_type", batch_key="batch")
+    copy = synthetic.copy()
+    LDM.setup_anndata(copy, layer="counts", labels_key="batch")
+    assert copy.uns["_scvi_uuid"] != synthetic.uns["_scvi_uuid"]
+    original, other = LDM(synthetic, **FAST_MODEL), LDM(copy, **FAST_MODEL)
+    assert original.registry_["setup_args"]["batch_key"] == "batch"
+    assert other.registry_["setup_args"]["batch_key"] is None
+    # registering the same object again keeps its id
+    uuid = copy.uns["_scvi_uuid"]
+    LDM.setup_anndata(copy, layer="counts", labels_key="cell_type")
+    assert copy.uns["_scvi_uuid"] == uuid
+
+
 @pytest.mark.parametrize("denoiser", ["dit", "mlp"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
 def test_train_both_stages_and_sample(synthetic, denoiser, likelihood):

@@ -192,6 +192,16 @@ def test_setup_mudata_rejects_bad_counts_and_leaves_mudata_unchanged(corrupt, ma
     _assert_unchanged(md, snap)
 
 
+def test_setup_mudata_on_a_copy_keeps_the_originals_registration():
+    md, _, _ = _mdata()
+    LDM.setup_mudata(md, modalities=RNA2PROT, labels_key="cell_type", batch_key="batch")
+    copy = md.copy()
+    LDM.setup_mudata(copy, modalities=RNA2PROT, labels_key="cell_type")
+    assert copy.uns["_scvi_uuid"] != md.uns["_scvi_uuid"]
+    assert LDM(md).registry_["setup_args"]["batch_key"] == "batch"
+    assert LDM(copy).registry_["setup_args"]["batch_key"] is None
+
+
 def test_setup_mudata_rejects_modality_with_other_cells():
     md, _, _ = _mdata(n_cells=30)
     subset = mudata.MuData({"rna": md.mod["rna"].copy(), "prot": md.mod["prot"][:20].copy()})

@@ -59,6 +59,7 @@ from latentcell.model._validation import (
     check_registered_obs,
     check_spatial,
     check_var_names,
+    detach_copied_registration,
     row_sums,
 )
 from latentcell.module import (
@@ -413,7 +414,10 @@ class LatentDiffusionModel(
         :class:`~scvi.data.AnnDataManager` writes its usual fields (``obs['_scvi_batch']``,
         ``obs['_scvi_labels']``, ``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']`` and,
         with covariates, ``obsm['_scvi_extra_categorical_covs']`` /
-        ``obsm['_scvi_extra_continuous_covs']``); nothing else is changed.
+        ``obsm['_scvi_extra_continuous_covs']``); nothing else is changed. A copy of
+        registered data (``adata.copy()``) gets an ``uns['_scvi_uuid']`` of its own, so
+        registering it leaves the original's registration, and models on the original, as
+        they were.
 
         Parameters
         ----------
@@ -516,6 +520,7 @@ class LatentDiffusionModel(
         if dose_key is not None:
             anndata_fields.append(NumericalObsField(DOSE_FIELD, dose_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        detach_copied_registration(cls._setup_adata_manager_store, adata)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 

@@ -25,7 +25,12 @@ from tqdm.auto import tqdm
 from latentcell._constants import FLOW_KEYS, LATENT_KEY, MEAN_LAYER
 from latentcell.model._data import LatentDataModule
 from latentcell.model._perturbation import per_cell_output
-from latentcell.model._validation import check_counts, check_not_view, check_obs_columns
+from latentcell.model._validation import (
+    check_counts,
+    check_not_view,
+    check_obs_columns,
+    detach_copied_registration,
+)
 from latentcell.module._counts import sample_counts
 
 #: Modalities latentcell knows, with their scvi-tools registry key and default likelihood.
@@ -143,6 +148,7 @@ class MultiModalMixin:
             MuDataNumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        detach_copied_registration(cls._setup_adata_manager_store, mdata)
         manager.register_fields(mdata, **kwargs)
         cls.register_manager(manager)
 

@@ -305,3 +305,20 @@ def check_registered_obs(adata: AnnData, registry: dict) -> None:
                 f"adata.obs[{key!r}] has value(s) {unseen[:5]} the model never saw; it knows "
                 f"{sorted(known)[:20]}. Map them to known values or drop those cells."
             )
+
+
+def detach_copied_registration(store: dict, data) -> None:
+    """Let a copy of registered data be registered without undoing the original's registration.
+
+    ``data.copy()`` keeps ``uns['_scvi_uuid']``, the id under which scvi-tools files a
+    registration (``store``: the model class's ``_setup_adata_manager_store``). Registering the
+    copy under that id would replace the original's registration, and models built on the
+    original afterwards fail with scvi-tools' "Did you make a copy?". When the id is already
+    filed for another object, it is removed here, so the copy is given an id of its own.
+    """
+    from scvi.data import _constants
+
+    uuid = data.uns.get(_constants._SCVI_UUID_KEY)
+    manager = store.get(uuid) if uuid is not None else None
+    if manager is not None and manager.adata is not data:
+        del data.uns[_constants._SCVI_UUID_KEY]
