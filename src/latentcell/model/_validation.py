@@ -1,4 +1,8 @@
-"""Input checks that run before anything is written to the user's AnnData."""
+"""Input checks that run before anything is written to the user's AnnData.
+
+Also the one adjustment made just before scvi-tools registers it: a registration id copied
+from other data is dropped (:func:`detach_copied_registration`).
+"""
 
 from __future__ import annotations
 
